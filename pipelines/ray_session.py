@@ -1,0 +1,39 @@
+"""Connecting to Ray: a cluster when one is configured, otherwise a local instance on loopback.
+
+``ray job submit`` sets RAY_ADDRESS for the driver, so ``ray.init()`` joins the cluster. Without
+it, the job starts its own local instance bound to 127.0.0.1 (Ray otherwise picks the machine's
+external interface) with the dashboard on loopback too.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+LOOPBACK = "127.0.0.1"
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Start or join Ray once per process; quiet by default (Ray Data still shows progress bars)."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}}
+    if address:
+        ray.init(address=address, runtime_env=env, logging_level=logging.WARNING, log_to_driver=True)
+        return
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    ray.init(
+        num_cpus=num_cpus,
+        _node_ip_address=LOOPBACK,
+        dashboard_host=LOOPBACK,
+        include_dashboard=False,
+        runtime_env=env,
+        logging_level=logging.WARNING,
+        configure_logging=True,
+    )
+
+
+def cluster_cpus() -> int:
+    return int(ray.cluster_resources().get("CPU", 1))

@@ -1,0 +1,322 @@
+"""The tokenize stage: corpus -> ``docs/``, ``chunks/``, ``seqs/``, ``quarantine/`` (DESIGN.md).
+
+Two passes over work units (see :mod:`pipelines.corpus`), both on Ray Data:
+1. ``TokenizeUnits`` (actor per CPU, tokenizer loaded once) reads and tokenizes each unit and
+   stages its chunks with unit-local ids under ``chunks/_staging/<plan>/``. It returns counts only.
+2. The driver turns the counts into global offsets (prefix sums of a few integers per unit) and
+   ``finalize_units`` writes the final parts with dense global ids.
+Nothing but counts reaches the driver. A staged unit is kept across a kill, so a rerun only
+tokenizes what is missing; the final parts are a pure function of staged data and offsets, so
+they come out byte-identical on every run.
+"""
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from pipelines.chunking import doc_to_chunks, seq_starts
+from pipelines.corpus import InputFile, WorkUnit, list_corpus, plan_fingerprint, plan_units
+from pipelines.manifest import invalid_parts, part_name, read_manifest, write_manifest
+from pipelines.parquet_io import write_table
+from pipelines.readers import Record, read_item
+from pipelines.storage import Location, exists, open_location, read_bytes, remove_tree, write_bytes_atomic
+from pipelines.tokenizer import load_tokenizer
+
+OUTPUT_FOLDERS = ("docs", "seqs", "quarantine", "chunks")  # chunks last: its manifest marks the stage done
+STAGING = "chunks/_staging"
+ENCODE_BATCH_BYTES = 4 << 20  # texts handed to the Rust tokenizer at once
+
+CHUNKS_SCHEMA = pa.schema([("chunk_id", pa.int64()), ("doc_id", pa.int64()), ("tokens", pa.list_(pa.int32()))])
+DOCS_SCHEMA = pa.schema([("doc_id", pa.int64()), ("source", pa.string()), ("sha256", pa.string()),
+                         ("first_chunk_id", pa.int64()), ("num_chunks", pa.int64())])
+SEQS_SCHEMA = pa.schema([("seq_start", pa.int64())])
+QUARANTINE_SCHEMA = pa.schema([("source", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
+
+
+@dataclass(frozen=True)
+class TokenizeSettings:
+    """Everything that shapes the tokenize output (and so the plan fingerprint)."""
+
+    chunk_size: int
+    seq_len: int
+    text_field: str
+    tokenizer: str
+    unit_bytes: int
+
+
+# ----------------------------------------------------------------------------- pass 1: tokenize
+
+
+def tokenize_unit(unit: WorkUnit, settings: TokenizeSettings, tokenizer) -> dict[str, np.ndarray]:
+    """Read and tokenize one unit; returns the staged arrays (ids are local to the unit)."""
+    import hashlib
+
+    tokens: list[np.ndarray] = []
+    doc_item, doc_pos, doc_chunks, doc_sha = [], [], [], []
+    q_item, q_pos, q_reason, q_detail = [], [], [], []
+    item_records = np.zeros(len(unit.items), dtype=np.int64)
+    pending: list[tuple[int, Record]] = []
+    pending_bytes = 0
+
+    def flush() -> None:
+        nonlocal pending, pending_bytes
+        if not pending:
+            return
+        encodings = tokenizer.tokenizer.encode_batch([r.text for _, r in pending], add_special_tokens=True)
+        for (item_idx, rec), enc in zip(pending, encodings):
+            chunks = doc_to_chunks(np.asarray(enc.ids, dtype=np.int32), settings.chunk_size)
+            tokens.append(chunks)
+            doc_item.append(item_idx)
+            doc_pos.append(rec.position)
+            doc_chunks.append(len(chunks))
+            doc_sha.append(hashlib.sha256(rec.text.encode("utf-8")).hexdigest())
+        pending, pending_bytes = [], 0
+
+    for item_idx, item in enumerate(unit.items):
+        for rec in read_item(item, settings.text_field):
+            if rec.position >= 0:
+                item_records[item_idx] = rec.position + 1
+            if rec.text is None:
+                q_item.append(item_idx), q_pos.append(rec.position), q_reason.append(rec.reason), q_detail.append(rec.detail)
+                continue
+            pending.append((item_idx, rec))
+            pending_bytes += len(rec.text)
+            if pending_bytes >= ENCODE_BATCH_BYTES:
+                flush()
+    flush()
+    c1 = settings.chunk_size + 1
+    return {
+        "tokens": np.concatenate(tokens) if tokens else np.zeros((0, c1), dtype=np.int32),
+        "doc_item": np.asarray(doc_item, dtype=np.int32),
+        "doc_pos": np.asarray(doc_pos, dtype=np.int64),
+        "doc_chunks": np.asarray(doc_chunks, dtype=np.int64),
+        "doc_sha": np.asarray(doc_sha, dtype="S64"),
+        "q_item": np.asarray(q_item, dtype=np.int32),
+        "q_pos": np.asarray(q_pos, dtype=np.int64),
+        "q_reason": np.asarray(q_reason, dtype=np.str_),
+        "q_detail": np.asarray(q_detail, dtype=np.str_),
+        "item_records": item_records,
+    }
+
+
+def _staged_name(plan: str, index: int) -> str:
+    return f"{STAGING}/{plan}/unit-{index:05d}.npz"
+
+
+def _load_staged(out: Location, rel: str) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(read_bytes(out, rel)), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+class TokenizeUnits:
+    """Ray Data actor: loads the tokenizer once, tokenizes the units it is given, stages them."""
+
+    def __init__(self, out_url: str, plan: str, settings: TokenizeSettings):
+        self.out = open_location(out_url)
+        self.plan = plan
+        self.settings = settings
+        self.tokenizer = load_tokenizer(settings.tokenizer)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = []
+        for unit_json in batch["unit"]:
+            unit = WorkUnit.from_dict(json.loads(unit_json))
+            rel = _staged_name(self.plan, unit.index)
+            staged = None
+            if exists(self.out, rel):
+                try:
+                    staged = _load_staged(self.out, rel)  # kept from a killed run
+                except Exception:  # noqa: BLE001 - a damaged staged file is simply redone
+                    staged = None
+            if staged is None:
+                staged = tokenize_unit(unit, self.settings, self.tokenizer)
+                buf = io.BytesIO()
+                np.savez(buf, **staged)
+                write_bytes_atomic(self.out, rel, buf.getvalue())
+            rows.append({
+                "index": unit.index,
+                "docs": len(staged["doc_chunks"]),
+                "chunks": int(staged["tokens"].shape[0]),
+                "quarantined": len(staged["q_reason"]),
+                "item_records": json.dumps(staged["item_records"].tolist()),
+                "reasons": json.dumps(Counter(staged["q_reason"].tolist())),
+            })
+        return {k: np.asarray([r[k] for r in rows]) for k in rows[0]}
+
+
+# ----------------------------------------------------------------------------- pass 2: finalize
+
+
+def _source(url: str, fmt: str, position: int) -> str:
+    if position < 0:
+        return url
+    if fmt == "parquet":
+        return f"{url}#row={position}"
+    return f"{url}#line={position + 1}"  # line numbers are 1-based, as editors show them
+
+
+def finalize_unit(out: Location, plan: str, unit: WorkUnit, doc_offset: int, chunk_offset: int,
+                  record_offsets: list[int], settings: TokenizeSettings) -> dict[str, dict]:
+    """Write the four final parts of one unit with global ids; returns their manifest entries."""
+    s = _load_staged(out, _staged_name(plan, unit.index))
+    n_docs = len(s["doc_chunks"])
+    doc_ids = doc_offset + np.arange(n_docs, dtype=np.int64)
+    first_chunk = chunk_offset + np.concatenate([[0], np.cumsum(s["doc_chunks"])[:-1]]).astype(np.int64) if n_docs else np.zeros(0, np.int64)
+    n_chunks = s["tokens"].shape[0]
+    c1 = settings.chunk_size + 1
+    chunk_ids = chunk_offset + np.arange(n_chunks, dtype=np.int64)
+    chunk_doc = np.repeat(doc_ids, s["doc_chunks"])
+    token_list = pa.ListArray.from_arrays(pa.array(np.arange(0, (n_chunks + 1) * c1, c1, dtype=np.int32)),
+                                          pa.array(s["tokens"].reshape(-1)))
+    items = unit.items
+    doc_sources = [_source(items[i].url, items[i].fmt, p + record_offsets[i] if p >= 0 else p)
+                   for i, p in zip(s["doc_item"].tolist(), s["doc_pos"].tolist())]
+    q_sources = [_source(items[i].url, items[i].fmt, p + record_offsets[i] if p >= 0 else p)
+                 for i, p in zip(s["q_item"].tolist(), s["q_pos"].tolist())]
+    seqs = np.concatenate([seq_starts(f, n, settings.chunk_size, settings.seq_len)
+                           for f, n in zip(first_chunk.tolist(), s["doc_chunks"].tolist())]) if n_docs else np.zeros(0, np.int64)
+    name = part_name(unit.index)
+    tables = {
+        "docs": pa.table({"doc_id": doc_ids, "source": doc_sources, "sha256": s["doc_sha"].astype(str).tolist(),
+                          "first_chunk_id": first_chunk, "num_chunks": s["doc_chunks"]}, schema=DOCS_SCHEMA),
+        "seqs": pa.table({"seq_start": seqs.astype(np.int64)}, schema=SEQS_SCHEMA),
+        "quarantine": pa.table({"source": q_sources, "reason": s["q_reason"].tolist(), "detail": s["q_detail"].tolist()},
+                               schema=QUARANTINE_SCHEMA),
+        "chunks": pa.Table.from_arrays([pa.array(chunk_ids), pa.array(chunk_doc), token_list], schema=CHUNKS_SCHEMA),
+    }
+    return {folder: write_table(out, f"{folder}/{name}", tables[folder]) | {"path": name} for folder in OUTPUT_FOLDERS}
+
+
+def finalize_batch(batch: dict[str, np.ndarray], out_url: str, plan: str, settings: TokenizeSettings) -> dict[str, np.ndarray]:
+    out = open_location(out_url)
+    results = []
+    for task_json in batch["task"]:
+        t = json.loads(task_json)
+        entries = finalize_unit(out, plan, WorkUnit.from_dict(t["unit"]), t["doc_offset"], t["chunk_offset"],
+                                t["record_offsets"], settings)
+        results.append(json.dumps(entries))
+    return {"entries": np.asarray(results)}
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+@dataclass
+class TokenizeSummary:
+    documents_read: int
+    documents: int
+    chunks: int
+    seqs: int
+    quarantined: int
+    quarantined_by_reason: dict[str, int]
+    seconds: float
+    up_to_date: bool = False
+
+    @property
+    def bad_fraction(self) -> float:
+        return self.quarantined / max(1, self.documents_read)
+
+    def lines(self) -> list[str]:
+        if self.up_to_date:
+            return [f"tokenize: up to date ({self.documents} documents, {self.chunks} chunks); nothing to do"]
+        rate = self.chunks / self.seconds if self.seconds > 0 else 0.0
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.quarantined_by_reason.items())) or "none"
+        return [
+            f"tokenize: {self.documents_read} documents read, {self.documents} tokenized, "
+            f"{self.quarantined} quarantined ({reasons})",
+            f"tokenize: {self.chunks} chunks, {self.seqs} sequences in {self.seconds:.1f} s ({rate:,.0f} chunks/s)",
+        ]
+
+
+def _record_offsets(units: list[WorkUnit], item_records: list[list[int]]) -> list[list[int]]:
+    """For each item, how many lines/rows of the same file come before it (in earlier units)."""
+    seen: dict[str, int] = {}
+    offsets = []
+    for unit, counts in zip(units, item_records):
+        row = []
+        for item, n in zip(unit.items, counts):
+            row.append(seen.get(item.url, 0))
+            seen[item.url] = seen.get(item.url, 0) + n
+        offsets.append(row)
+    return offsets
+
+
+def _summary_from_manifest(m: dict) -> TokenizeSummary:
+    t = m["totals"]
+    return TokenizeSummary(t["documents_read"], t["documents"], t["chunks"], t["seqs"], t["quarantined"],
+                           t["quarantined_by_reason"], 0.0, up_to_date=True)
+
+
+def auto_unit_bytes(files: list[InputFile]) -> int:
+    """About 64 units for the corpus, each 1-64 MiB: depends only on the input, never on the cluster."""
+    total = sum(f.size for f in files)
+    return int(min(64 << 20, max(1 << 20, total // 64)))
+
+
+def run_tokenize(*, corpus: list[str], out: Location, chunk_size: int, seq_len: int, text_field: str,
+                 tokenizer: str, unit_bytes: int, concurrency: int, config: dict) -> TokenizeSummary:
+    start = time.perf_counter()
+    files = list_corpus(corpus, exclude_root=out.root if out.is_local else None)
+    tok = load_tokenizer(tokenizer)  # fails fast on a bad name, and gives the fingerprint
+    settings = TokenizeSettings(chunk_size, seq_len, text_field, tokenizer, unit_bytes or auto_unit_bytes(files))
+    units = plan_units(files, settings.unit_bytes)
+    plan = plan_fingerprint(files, units, {**settings.__dict__, "tokenizer_fingerprint": tok.fingerprint})
+
+    done = read_manifest(out, "chunks")
+    if done and done.get("plan") == plan and all(
+        (m := read_manifest(out, f)) is not None and not invalid_parts(out, f, m["parts"]) for f in OUTPUT_FOLDERS
+    ):
+        return _summary_from_manifest(done)
+    for folder in reversed(OUTPUT_FOLDERS):  # an old manifest must not vouch for parts being replaced
+        if exists(out, f"{folder}/_manifest.json"):
+            out.fs.rm(out.path(f"{folder}/_manifest.json"))
+
+    ds = ray.data.from_items([{"unit": json.dumps(u.to_dict())} for u in units], override_num_blocks=len(units))
+    counted = ds.map_batches(TokenizeUnits, fn_constructor_kwargs={"out_url": out.url, "plan": plan, "settings": settings},
+                             batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, concurrency)),
+                             num_cpus=1).take_all()
+    counted.sort(key=lambda r: r["index"])
+
+    docs = np.array([r["docs"] for r in counted], dtype=np.int64)
+    chunks = np.array([r["chunks"] for r in counted], dtype=np.int64)
+    doc_offsets = np.concatenate([[0], np.cumsum(docs)[:-1]])
+    chunk_offsets = np.concatenate([[0], np.cumsum(chunks)[:-1]])
+    record_offsets = _record_offsets(units, [json.loads(r["item_records"]) for r in counted])
+    tasks = [json.dumps({"unit": u.to_dict(), "doc_offset": int(d), "chunk_offset": int(c), "record_offsets": ro})
+             for u, d, c, ro in zip(units, doc_offsets, chunk_offsets, record_offsets)]
+    finals = ray.data.from_items([{"task": t} for t in tasks], override_num_blocks=len(tasks)).map_batches(
+        finalize_batch, fn_kwargs={"out_url": out.url, "plan": plan, "settings": settings}, batch_size=1, num_cpus=1
+    ).take_all()
+    entries = sorted((json.loads(r["entries"]) for r in finals), key=lambda e: e["chunks"]["path"])
+
+    reasons: Counter = Counter()
+    for r in counted:
+        reasons.update(json.loads(r["reasons"]))
+    n_seqs = sum(e["seqs"]["rows"] for e in entries)
+    summary = TokenizeSummary(int(docs.sum()) + sum(reasons.values()), int(docs.sum()), int(chunks.sum()), n_seqs,
+                              sum(reasons.values()), dict(reasons), time.perf_counter() - start)
+    totals = {k: getattr(summary, k) for k in ("documents_read", "documents", "chunks", "seqs", "quarantined", "quarantined_by_reason")}
+    for folder in OUTPUT_FOLDERS:
+        _remove_unlisted_parts(out, folder, {e[folder]["path"] for e in entries})
+        write_manifest(out, folder, stage="tokenize", parts=[e[folder] for e in entries], totals=totals, config=config,
+                       extra={"plan": plan, "tokenizer": tok.describe(), "chunk_size": chunk_size, "seq_len": seq_len})
+    remove_tree(out, STAGING)
+    return summary
+
+
+def _remove_unlisted_parts(out: Location, folder: str, keep: set[str]) -> None:
+    """Parts left by an earlier run with a different plan are removed so the folder matches its manifest."""
+    d = out.path(folder)
+    if not out.fs.isdir(d):
+        return
+    for p in out.fs.ls(d, detail=False):
+        name = p.rsplit("/", 1)[-1]
+        if name.startswith("part-") and name not in keep:
+            out.fs.rm(p)
