@@ -1,0 +1,580 @@
+"""RETRO: a decoder-only transformer that reads retrieved neighbors through chunked cross-attention.
+
+After Borgeaud et al. 2021, "Improving language models by retrieving from trillions of tokens", and
+lucidrains' RETRO-pytorch (same forward interface, same default sizes). Single-device PyTorch, no Ray.
+
+The sequence (b, n) is cut into chunks of ``chunk_size`` (c) tokens. Each completed chunk j comes with
+``k`` retrieved neighbors, each a database chunk plus its continuation (``2 * c`` tokens, pad id 0).
+
+* Decoder: pre-norm RMSNorm blocks (self-attention with rotary positions, optional chunked cross-attention
+  (CCA), feed-forward or product-key memory). DeepNet post-norm (residual scaled by alpha, beta-scaled
+  init, LayerNorm) is an option.
+* Encoder: a small bidirectional transformer over each neighbor (pad tokens masked out). At its
+  cross-attention layers a neighbor of chunk j attends to the decoder's hidden states of chunk j, taken at
+  the first CCA layer. All neighbors of all chunks of the batch run as one batch: no Python loop over chunks.
+* Causality (the paper's rule): the neighbors of chunk j were retrieved with the whole of chunk j, so only
+  tokens at or after the last token of chunk j may see them. CCA shifts the decoder's hidden states left by
+  ``c - 1``: the attending chunk j holds positions ``j*c + c - 1 .. j*c + 2c - 2`` (the last token of chunk
+  j and the first c-1 tokens of chunk j+1) and attends to the neighbors of chunk j. The first ``c - 1``
+  tokens attend to nothing (their CCA output is zero; the residual passes them through). A learned null
+  key/value lets a token attend to "nothing" when all its neighbors are padding.
+* Prefixes whose length n is not a multiple of c (generation): ``retrieved`` holds the ``n // c`` completed
+  chunks. Inside CCA the shifted hidden states are zero-padded at the end up to ``(n // c) * c`` attending
+  positions, and the output is cut back to n. Tokens of the unfinished last chunk attend to the neighbors
+  of the previous (completed) chunk, exactly as they would inside a longer sequence, so the logits of a
+  prefix equal the logits of the same positions of any longer sequence.
+
+Attention goes through ``torch.nn.functional.scaled_dot_product_attention`` with fused QKV projections;
+the model runs under ``torch.autocast(device_type, dtype=torch.bfloat16)`` (the residual stream stays in
+float32, matmuls run in bf16).
+
+Public API: ``RetroConfig``, ``retro_config(preset, **overrides)``, ``PRESETS``, ``RETRO(config)``,
+``RETRO.forward(seq, retrieved=None, labels=None, return_loss=False)``, ``RETRO.next_token_logits``,
+``RETRO.num_completed_chunks``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from models.pkm import PKMConfig
+
+__all__ = ["RetroConfig", "retro_config", "PRESETS", "RETRO"]
+
+BERT_UNCASED_VOCAB = 30522  # vocabulary of the default chunk tokenizer (all-MiniLM-L6-v2, bert-base-uncased)
+
+
+# --------------------------------------------------------------------------------------------------
+# config
+
+
+def _layer_tuple(name: str, value: Any, depth: int) -> tuple[int, ...]:
+    """Normalise a list of 1-based layer numbers (TOML gives lists) and check it against the depth."""
+    if isinstance(value, int) or isinstance(value, str):
+        raise ValueError(f"{name} must be a sequence of 1-based layer numbers, got {value!r}")
+    try:
+        layers = tuple(int(v) for v in value)
+    except TypeError as exc:
+        raise ValueError(f"{name} must be a sequence of 1-based layer numbers, got {value!r}") from exc
+    if any(not 1 <= layer <= depth for layer in layers):
+        raise ValueError(f"{name}={layers}: every layer must lie in 1..{depth}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"{name}={layers}: duplicate layer numbers")
+    return tuple(sorted(layers))
+
+
+@dataclass(kw_only=True)
+class RetroConfig:
+    """Sizes and options of a RETRO model. Defaults are the RETRO-pytorch README model."""
+
+    num_tokens: int = BERT_UNCASED_VOCAB
+    """Vocabulary size; must match the tokenizer that made the chunks."""
+
+    max_seq_len: int = 2048
+    """Longest input the model accepts (rotary positions need no table; this only guards inputs)."""
+
+    chunk_size: int = 64
+    """Tokens per chunk (c): one retrieval per completed chunk."""
+
+    enc_dim: int = 896
+    """Width of the neighbor encoder; token embeddings have this width too (as in RETRO-pytorch)."""
+
+    enc_depth: int = 2
+    """Layers of the neighbor encoder."""
+
+    enc_cross_attn_layers: Optional[tuple[int, ...]] = None
+    """1-based encoder layers whose neighbors cross-attend to the decoder chunk; None means all."""
+
+    dec_dim: int = 796
+    """Width of the decoder (the language model)."""
+
+    dec_depth: int = 12
+    """Layers of the decoder."""
+
+    dec_cross_attn_layers: tuple[int, ...] = (3, 6, 9, 12)
+    """1-based decoder layers with chunked cross-attention; the encoder runs at the first one."""
+
+    heads: int = 8
+    """Attention heads in every attention layer."""
+
+    dim_head: int = 64
+    """Width of one attention head."""
+
+    rotary_dim: int = 32
+    """Per-head dimensions that get rotary positions (partial rotary, as in RETRO-pytorch); even."""
+
+    rotary_base: float = 10000.0
+    """Base of the rotary frequencies."""
+
+    ff_mult: float = 4.0
+    """Feed-forward hidden width as a multiple of the model width."""
+
+    enc_attn_dropout: float = 0.0
+    """Attention-probability dropout in the encoder."""
+
+    enc_ff_dropout: float = 0.0
+    """Dropout inside the encoder feed-forward blocks."""
+
+    dec_attn_dropout: float = 0.0
+    """Attention-probability dropout in the decoder (self-attention and CCA)."""
+
+    dec_ff_dropout: float = 0.0
+    """Dropout inside the decoder feed-forward blocks."""
+
+    pad_id: int = 0
+    """Padding token id: masked out of the neighbors and ignored by the loss."""
+
+    norm_eps: float = 1e-6
+    """Epsilon of RMSNorm / LayerNorm."""
+
+    use_deepnet: bool = False
+    """DeepNet post-norm (Wang et al. 2022): x <- LayerNorm(alpha * x + f(x)) and beta-scaled init."""
+
+    init_std: float = 0.02
+    """Std of the normal init of linear and embedding weights (pre-norm only; DeepNet uses its own init)."""
+
+    pkm_layers: tuple[int, ...] = ()
+    """1-based decoder layers whose feed-forward block is replaced by a product-key memory."""
+
+    pkm: Optional["PKMConfig"] = None
+    """Product-key memory settings (models.pkm.PKMConfig); None means PKMConfig() when pkm_layers is set."""
+
+    def __post_init__(self) -> None:
+        positive = ("num_tokens", "max_seq_len", "chunk_size", "enc_dim", "enc_depth", "dec_dim",
+                    "dec_depth", "heads", "dim_head")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.enc_cross_attn_layers is not None:
+            self.enc_cross_attn_layers = _layer_tuple("enc_cross_attn_layers", self.enc_cross_attn_layers,
+                                                      self.enc_depth)
+        self.dec_cross_attn_layers = _layer_tuple("dec_cross_attn_layers", self.dec_cross_attn_layers,
+                                                  self.dec_depth)
+        self.pkm_layers = _layer_tuple("pkm_layers", self.pkm_layers, self.dec_depth)
+        if (not isinstance(self.rotary_dim, int) or self.rotary_dim < 0 or self.rotary_dim % 2
+                or self.rotary_dim > self.dim_head):
+            raise ValueError(f"rotary_dim must be an even int in 0..dim_head={self.dim_head}, "
+                             f"got {self.rotary_dim!r}")
+        if not self.rotary_base > 1:
+            raise ValueError(f"rotary_base must be > 1, got {self.rotary_base!r}")
+        if not self.ff_mult > 0:
+            raise ValueError(f"ff_mult must be > 0, got {self.ff_mult!r}")
+        for name in ("enc_attn_dropout", "enc_ff_dropout", "dec_attn_dropout", "dec_ff_dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must lie in [0, 1), got {value!r}")
+        if not isinstance(self.pad_id, int) or not 0 <= self.pad_id < self.num_tokens:
+            raise ValueError(f"pad_id must be a token id in 0..{self.num_tokens - 1}, got {self.pad_id!r}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps!r}")
+        if not self.init_std > 0:
+            raise ValueError(f"init_std must be > 0, got {self.init_std!r}")
+        if self.pkm is not None and not self.pkm_layers:
+            raise ValueError("pkm is set but pkm_layers is empty: name the decoder layers that use it")
+        if self.pkm is not None:
+            from models.pkm import PKMConfig
+
+            if not isinstance(self.pkm, PKMConfig):
+                raise ValueError(f"pkm must be a models.pkm.PKMConfig, got {type(self.pkm).__name__}")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # for unit tests: about 130k parameters, 4-token chunks
+    "tiny": dict(num_tokens=64, max_seq_len=64, chunk_size=4, enc_dim=32, enc_depth=2, dec_dim=48,
+                 dec_depth=3, dec_cross_attn_layers=(1, 3), heads=2, dim_head=16, rotary_dim=8),
+    # the RETRO-pytorch README model (its num_tokens 28996 is bert-base-cased; ours is the default tokenizer's)
+    "readme": dict(num_tokens=BERT_UNCASED_VOCAB, max_seq_len=2048, chunk_size=64, enc_dim=896, enc_depth=2,
+                   dec_dim=796, dec_depth=12, dec_cross_attn_layers=(3, 6, 9, 12), heads=8, dim_head=64,
+                   dec_attn_dropout=0.25, dec_ff_dropout=0.25),
+    # the paper's smallest RETRO ("172M" with its 128k vocabulary): d=896, 12 layers, 16 heads of 64,
+    # ffw 3584, RETRO blocks every 3rd layer from layer 6, a 2-layer encoder, chunks of 64, 2048 tokens
+    "paper_172m": dict(num_tokens=BERT_UNCASED_VOCAB, max_seq_len=2048, chunk_size=64, enc_dim=896,
+                       enc_depth=2, dec_dim=896, dec_depth=12, dec_cross_attn_layers=(6, 9, 12), heads=16,
+                       dim_head=64, ff_mult=4.0),
+}
+
+
+def retro_config(preset: str, **overrides: Any) -> RetroConfig:
+    """A RetroConfig from a named preset (``tiny``, ``readme``, ``paper_172m``) with fields overridden."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown RETRO preset {preset!r}; known: {sorted(PRESETS)}")
+    known = {f.name for f in dataclasses.fields(RetroConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown RetroConfig field(s): {unknown}")
+    return RetroConfig(**{**PRESETS[preset], **overrides})
+
+
+# --------------------------------------------------------------------------------------------------
+# building blocks
+
+
+def rotary_cos_sin(positions: torch.Tensor, rot_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (n, rot_dim) for the given positions (n,), in float32 (cast by the user)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, rot_dim, 2, device=positions.device, dtype=torch.float32)
+                               / rot_dim))  # (rot_dim/2,)
+    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (n, rot_dim/2)
+    freqs = torch.cat((freqs, freqs), dim=-1)  # (n, rot_dim)
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rotary(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first rot_dim features of t (..., n, d) by position; the rest pass through."""
+    rot_dim = cos.shape[-1]
+    if rot_dim == 0:
+        return t
+    cos, sin = cos.to(t.dtype), sin.to(t.dtype)  # (n, rot_dim)
+    t_rot, t_pass = t[..., :rot_dim], t[..., rot_dim:]  # (..., n, rot_dim), (..., n, d - rot_dim)
+    x1, x2 = t_rot.chunk(2, dim=-1)  # (..., n, rot_dim/2) each
+    rotated = torch.cat((-x2, x1), dim=-1)  # (..., n, rot_dim)
+    return torch.cat((t_rot * cos + rotated * sin, t_pass), dim=-1)  # (..., n, d)
+
+
+class Residual(nn.Module):
+    """Pre-norm (x + f(norm(x))) or DeepNet post-norm (norm(alpha * x + f(x))) around a sublayer."""
+
+    def __init__(self, dim: int, fn: nn.Module, *, post_norm: bool, alpha: float, eps: float) -> None:
+        super().__init__()
+        self.fn = fn
+        self.post_norm = post_norm
+        self.alpha = alpha
+        self.norm: nn.Module = nn.LayerNorm(dim, eps=eps) if post_norm else nn.RMSNorm(dim, eps=eps)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # x: (b, n, dim)
+        if self.post_norm:
+            return self.norm(x * self.alpha + self.fn(x, *args, **kwargs))
+        return x + self.fn(self.norm(x), *args, **kwargs)
+
+
+class FeedForward(nn.Module):
+    """The standard GELU MLP (as in RETRO-pytorch)."""
+
+    def __init__(self, dim: int, mult: float, dropout: float) -> None:
+        super().__init__()
+        inner = int(dim * mult)
+        self.w_in = nn.Linear(dim, inner)
+        self.w_out = nn.Linear(inner, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (b, n, dim) -> (b, n, dim)
+        return self.w_out(self.dropout(F.gelu(self.w_in(x))))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with a fused QKV projection, rotary positions and SDPA."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, *, causal: bool, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.dim_head, self.causal, self.dropout = heads, dim_head, causal, dropout
+        self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
+        self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # x: (B, n, dim); cos, sin: (n, rot); key_mask: (B, n) bool, True = attend
+        B, n, _ = x.shape
+        qkv = self.to_qkv(x).view(B, n, 3, self.heads, self.dim_head)  # (B, n, 3, h, dh)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, n, dh) each
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.causal and key_mask is not None:
+            raise ValueError("causal self-attention takes no key mask (pads only ever follow real tokens)")
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, n)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal,
+                                             dropout_p=self.dropout if self.training else 0.0)  # (B, h, n, dh)
+        out = out.transpose(1, 2).reshape(B, n, self.heads * self.dim_head)  # (B, n, h*dh)
+        return self.to_out(out)  # (B, n, dim)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head cross-attention (fused KV projection, rotary on both sides, optional null key/value)."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int, dim_head: int, *, dropout: float,
+                 null_kv: bool) -> None:
+        super().__init__()
+        self.heads, self.dim_head, self.dropout = heads, dim_head, dropout
+        inner = heads * dim_head
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(context_dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+        # a learned "nothing" to attend to, so a query whose neighbors are all padding stays finite
+        self.null_kv = nn.Parameter(torch.randn(2, heads, 1, dim_head) * 0.02) if null_kv else None
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, q_rot: tuple[torch.Tensor, torch.Tensor],
+                k_rot: tuple[torch.Tensor, torch.Tensor], key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # x: (B, n, dim); context: (B, m, context_dim); q_rot: 2 x (n, rot); k_rot: 2 x (m, rot)
+        # key_mask: (B, m) bool, True = attend
+        B, n, _ = x.shape
+        m = context.shape[1]
+        q = self.to_q(x).view(B, n, self.heads, self.dim_head).transpose(1, 2)  # (B, h, n, dh)
+        kv = self.to_kv(context).view(B, m, 2, self.heads, self.dim_head)  # (B, m, 2, h, dh)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, m, dh) each
+        q, k = apply_rotary(q, *q_rot), apply_rotary(k, *k_rot)
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, m)
+        if self.null_kv is not None:
+            null_k, null_v = self.null_kv.to(k.dtype).unbind(0)  # (h, 1, dh) each
+            k = torch.cat((null_k.expand(B, -1, -1, -1), k), dim=2)  # (B, h, 1 + m, dh)
+            v = torch.cat((null_v.expand(B, -1, -1, -1), v), dim=2)  # (B, h, 1 + m, dh)
+            if mask is not None:
+                mask = F.pad(mask, (1, 0), value=True)  # (B, 1, 1, 1 + m)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             dropout_p=self.dropout if self.training else 0.0)  # (B, h, n, dh)
+        out = out.transpose(1, 2).reshape(B, n, self.heads * self.dim_head)  # (B, n, h*dh)
+        return self.to_out(out)  # (B, n, dim)
+
+
+class ChunkedCrossAttention(nn.Module):
+    """CCA: attending chunk j (positions j*c+c-1 .. j*c+2c-2) cross-attends to the neighbors of chunk j.
+
+    The shift by c - 1 is the paper's causality rule; chunks are folded into the batch dimension.
+    """
+
+    def __init__(self, dim: int, heads: int, dim_head: int, chunk_size: int, *, dropout: float) -> None:
+        super().__init__()
+        self.chunk_size = chunk_size
+        self.attn = CrossAttention(dim, dim, heads, dim_head, dropout=dropout, null_kv=True)
+
+    def forward(self, x: torch.Tensor, neighbors: "EncodedNeighbors") -> torch.Tensor:
+        # x: (b, n, dim) -> (b, n, dim); zero where a token has no completed chunk to read from
+        b, n, dim = x.shape
+        c, R = self.chunk_size, neighbors.num_chunks
+        span = R * c  # attending positions: c-1 .. c-1+span-1
+        pad_end = max(0, c - 1 + span - n)  # the last attending chunk runs past the end (zero-pad it)
+        shifted = F.pad(x, (0, 0, 0, pad_end))[:, c - 1: c - 1 + span]  # (b, R*c, dim)
+        shifted = shifted.reshape(b * R, c, dim)  # (b*R, c, dim)
+        out = self.attn(shifted, neighbors.hidden, neighbors.q_rot, neighbors.k_rot,
+                        neighbors.key_mask)  # (b*R, c, dim)
+        out = out.reshape(b, span, dim)  # (b, R*c, dim)
+        out = F.pad(out, (0, 0, c - 1, 0))  # (b, c-1+R*c, dim): position p reads row p
+        if out.shape[1] >= n:
+            return out[:, :n]  # (b, n, dim)
+        return F.pad(out, (0, 0, 0, n - out.shape[1]))  # (b, n, dim)
+
+
+@dataclass
+class EncodedNeighbors:
+    """The encoder's output, laid out for CCA (chunks in the batch dimension, neighbors concatenated)."""
+
+    hidden: torch.Tensor  # (b*R, k*L, dec_dim)
+    key_mask: torch.Tensor  # (b*R, k*L) bool, True = real token
+    q_rot: tuple[torch.Tensor, torch.Tensor]  # 2 x (c, rot): query positions c-1 .. 2c-2 within chunk j
+    k_rot: tuple[torch.Tensor, torch.Tensor]  # 2 x (k*L, rot): positions 0..L-1 inside each neighbor
+    num_chunks: int  # R
+
+
+class EncoderLayer(nn.Module):
+    """Neighbor self-attention, optional cross-attention to the decoder chunk, feed-forward."""
+
+    def __init__(self, cfg: RetroConfig, *, cross: bool, alpha: float) -> None:
+        super().__init__()
+        d, post, eps = cfg.enc_dim, cfg.use_deepnet, cfg.norm_eps
+        self.attn = Residual(d, SelfAttention(d, cfg.heads, cfg.dim_head, causal=False,
+                                              dropout=cfg.enc_attn_dropout), post_norm=post, alpha=alpha, eps=eps)
+        self.cross = Residual(d, CrossAttention(d, cfg.dec_dim, cfg.heads, cfg.dim_head,
+                                                dropout=cfg.enc_attn_dropout, null_kv=False),
+                              post_norm=post, alpha=alpha, eps=eps) if cross else None
+        self.ff = Residual(d, FeedForward(d, cfg.ff_mult, cfg.enc_ff_dropout), post_norm=post, alpha=alpha,
+                           eps=eps)
+
+
+class DecoderLayer(nn.Module):
+    """Causal self-attention, optional CCA, then feed-forward or product-key memory."""
+
+    def __init__(self, cfg: RetroConfig, *, cca: bool, pkm: bool, alpha: float) -> None:
+        super().__init__()
+        d, post, eps = cfg.dec_dim, cfg.use_deepnet, cfg.norm_eps
+        self.attn = Residual(d, SelfAttention(d, cfg.heads, cfg.dim_head, causal=True,
+                                              dropout=cfg.dec_attn_dropout), post_norm=post, alpha=alpha, eps=eps)
+        self.cca = Residual(d, ChunkedCrossAttention(d, cfg.heads, cfg.dim_head, cfg.chunk_size,
+                                                     dropout=cfg.dec_attn_dropout),
+                            post_norm=post, alpha=alpha, eps=eps) if cca else None
+        if pkm:
+            from models.pkm import PKMConfig, ProductKeyMemory
+
+            block: nn.Module = ProductKeyMemory(d, cfg.pkm if cfg.pkm is not None else PKMConfig())
+        else:
+            block = FeedForward(d, cfg.ff_mult, cfg.dec_ff_dropout)
+        self.ff = Residual(d, block, post_norm=post, alpha=alpha, eps=eps)
+
+
+# --------------------------------------------------------------------------------------------------
+# the model
+
+
+class RETRO(nn.Module):
+    """RETRO language model: ``RETRO(config)``; see the module docstring for the layout and causality."""
+
+    def __init__(self, config: RetroConfig) -> None:
+        super().__init__()
+        cfg = self.config = config
+        self.chunk_size, self.pad_id = cfg.chunk_size, cfg.pad_id
+        self.seq_len = cfg.max_seq_len  # RETRO-pytorch's name, used by its training wrapper
+        N, M = cfg.enc_depth, cfg.dec_depth
+        if cfg.use_deepnet:  # DeepNet encoder-decoder constants (Wang et al. 2022, Figure 2)
+            enc_alpha, enc_beta = 0.81 * (N ** 4 * M) ** (1 / 16), 0.87 * (N ** 4 * M) ** (-1 / 16)
+            dec_alpha, dec_beta = (3 * M) ** (1 / 4), (12 * M) ** (-1 / 4)
+        else:
+            enc_alpha = enc_beta = dec_alpha = dec_beta = 1.0
+
+        self.token_emb = nn.Embedding(cfg.num_tokens, cfg.enc_dim)  # shared by the sequence and the neighbors
+        self.to_dec = nn.Linear(cfg.enc_dim, cfg.dec_dim) if cfg.enc_dim != cfg.dec_dim else nn.Identity()
+        enc_cross = set(range(1, N + 1)) if cfg.enc_cross_attn_layers is None else set(cfg.enc_cross_attn_layers)
+        self.encoder = nn.ModuleList(EncoderLayer(cfg, cross=i in enc_cross, alpha=enc_alpha)
+                                     for i in range(1, N + 1))
+        self.enc_norm = nn.Identity() if cfg.use_deepnet else nn.RMSNorm(cfg.enc_dim, eps=cfg.norm_eps)
+        # the decoder's residual stream grows with depth: normalise it before neighbors attend to it
+        self.ctx_norm = nn.Identity() if cfg.use_deepnet else nn.RMSNorm(cfg.dec_dim, eps=cfg.norm_eps)
+        self.enc_out = nn.Linear(cfg.enc_dim, cfg.dec_dim)
+        self.decoder = nn.ModuleList(
+            DecoderLayer(cfg, cca=i in cfg.dec_cross_attn_layers, pkm=i in cfg.pkm_layers, alpha=dec_alpha)
+            for i in range(1, M + 1))
+        self.dec_norm = nn.Identity() if cfg.use_deepnet else nn.RMSNorm(cfg.dec_dim, eps=cfg.norm_eps)
+        self.to_logits = nn.Linear(cfg.dec_dim, cfg.num_tokens, bias=False)
+        self._init_weights(enc_beta, dec_beta)
+
+    def _init_weights(self, enc_beta: float, dec_beta: float) -> None:
+        """Normal(0, init_std) for pre-norm; DeepNet's xavier-normal with gain beta on v/out/ff for post-norm."""
+        pkm_modules = [m for m in self.modules() if type(m).__name__ == "ProductKeyMemory"]
+        pkm_params = {id(p) for m in pkm_modules for p in m.parameters()}  # PKM keeps its own init
+        nn.init.normal_(self.token_emb.weight, std=self.config.init_std)
+        for part, beta in ((self.encoder, enc_beta), (self.decoder, dec_beta)):
+            for name, module in part.named_modules():
+                if not isinstance(module, nn.Linear) or id(module.weight) in pkm_params:
+                    continue
+                if self.config.use_deepnet:
+                    if name.endswith(("to_kv", "to_qkv")):  # gain 1 on q/k rows, beta on v rows
+                        w = module.weight.data
+                        nn.init.xavier_normal_(w)
+                        v_rows = w.shape[0] // (2 if name.endswith("to_kv") else 3)
+                        w[-v_rows:].mul_(beta)
+                    else:
+                        gain = beta if name.endswith(("to_out", "w_in", "w_out")) else 1.0
+                        nn.init.xavier_normal_(module.weight.data, gain=gain)
+                else:
+                    nn.init.normal_(module.weight, std=self.config.init_std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for module in (self.to_dec, self.enc_out, self.to_logits):
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=self.config.init_std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    # ---- helpers for callers (training job, generation)
+
+    def num_completed_chunks(self, n: int) -> int:
+        """How many retrieved chunks a sequence of n tokens takes: its completed chunks, n // chunk_size."""
+        return n // self.chunk_size
+
+    def _rot(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rotary_cos_sin(positions, self.config.rotary_dim, self.config.rotary_base)
+
+    def _check_retrieved(self, retrieved: Optional[torch.Tensor], b: int, n: int) -> Optional[torch.Tensor]:
+        """Validate (b, R, k, L) neighbor tokens; (b, R, L) means one neighbor. None when no chunk is complete."""
+        if retrieved is None:
+            return None
+        if retrieved.dim() == 3:
+            retrieved = retrieved.unsqueeze(2)  # (b, R, 1, L)
+        if retrieved.dim() != 4:
+            raise ValueError(f"retrieved must be (batch, chunks, neighbors, tokens), got {tuple(retrieved.shape)}")
+        if retrieved.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"retrieved must hold int token ids, got {retrieved.dtype}")
+        want = self.num_completed_chunks(n)
+        if retrieved.shape[0] != b or retrieved.shape[1] != want:
+            raise ValueError(f"a sequence of {n} tokens needs retrieved of shape ({b}, {want}, k, L) "
+                             f"(one entry per completed chunk of {self.chunk_size}), got {tuple(retrieved.shape)}")
+        if retrieved.shape[-1] < self.chunk_size:
+            raise ValueError(f"retrieved neighbors must hold at least chunk_size={self.chunk_size} tokens "
+                             f"(normally 2 * chunk_size: neighbor and continuation), got {retrieved.shape[-1]}")
+        if retrieved.shape[2] == 0 or want == 0:
+            return None
+        return retrieved.long()
+
+    def _encode(self, retrieved: torch.Tensor, chunk_hidden: torch.Tensor) -> EncodedNeighbors:
+        """Encode all neighbors at once; each cross-attends to the decoder states of the chunk it serves."""
+        # retrieved: (b, R, k, L) int64; chunk_hidden: (b, R*c, dec_dim), the decoder at the first CCA layer
+        b, R, k, L = retrieved.shape
+        c, device = self.chunk_size, retrieved.device
+        tokens = retrieved.reshape(b * R * k, L)  # (b*R*k, L)
+        real = tokens != self.pad_id  # (b*R*k, L)
+        # an all-padding neighbor (fewer than k found) attends over its pads rather than over nothing (NaN)
+        self_mask = real | ~real.any(dim=-1, keepdim=True)  # (b*R*k, L)
+        h = self.token_emb(tokens)  # (b*R*k, L, enc_dim)
+        context = self.ctx_norm(chunk_hidden).reshape(b * R, c, -1)  # (b*R, c, dec_dim)
+        nb_rot = self._rot(torch.arange(L, device=device))  # 2 x (L, rot)
+        ctx_rot = self._rot(torch.arange(c, device=device))  # 2 x (c, rot)
+        grouped_rot = tuple(t.repeat(k, 1) for t in nb_rot)  # 2 x (k*L, rot)
+        for layer in self.encoder:
+            h = layer.attn(h, *nb_rot, key_mask=self_mask)  # (b*R*k, L, enc_dim)
+            if layer.cross is not None:
+                # the k neighbors of a chunk share its context: fold them into the query length
+                hg = h.reshape(b * R, k * L, -1)  # (b*R, k*L, enc_dim)
+                h = layer.cross(hg, context, grouped_rot, ctx_rot).reshape(b * R * k, L, -1)
+            h = layer.ff(h)  # (b*R*k, L, enc_dim)
+        h = self.enc_out(self.enc_norm(h))  # (b*R*k, L, dec_dim)
+        # CCA queries of attending chunk j sit at offsets c-1 .. 2c-2 from the start of chunk j, so a query
+        # and the neighbor token aligned with it (neighbor i ~ chunk token i, continuation ~ next chunk) are close
+        q_rot = self._rot(torch.arange(c - 1, 2 * c - 1, device=device))  # 2 x (c, rot)
+        return EncodedNeighbors(hidden=h.reshape(b * R, k * L, -1), key_mask=real.reshape(b * R, k * L),
+                                q_rot=q_rot, k_rot=grouped_rot, num_chunks=R)
+
+    def hidden_states(self, seq: torch.Tensor, retrieved: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Final (normalised) decoder states (b, n, dec_dim) for token ids seq (b, n)."""
+        if seq.dim() != 2:
+            raise ValueError(f"seq must be (batch, tokens), got {tuple(seq.shape)}")
+        b, n = seq.shape
+        if n > self.config.max_seq_len:
+            raise ValueError(f"sequence of {n} tokens is longer than max_seq_len={self.config.max_seq_len}")
+        retrieved = self._check_retrieved(retrieved, b, n)  # (b, R, k, L) or None
+        # the residual stream stays float32 under autocast (to_dec would hand back bf16)
+        x = self.to_dec(self.token_emb(seq)).float()  # (b, n, dec_dim)
+        cos, sin = self._rot(torch.arange(n, device=seq.device))  # (n, rot) each
+        neighbors: Optional[EncodedNeighbors] = None
+        for layer in self.decoder:
+            x = layer.attn(x, cos, sin)  # (b, n, dec_dim)
+            if layer.cca is not None and retrieved is not None:
+                if neighbors is None:
+                    R = retrieved.shape[1]
+                    neighbors = self._encode(retrieved, x[:, :R * self.chunk_size])
+                x = layer.cca(x, neighbors)  # (b, n, dec_dim)
+            x = layer.ff(x)  # (b, n, dec_dim)
+        return self.dec_norm(x)  # (b, n, dec_dim)
+
+    def forward(self, seq: torch.Tensor, retrieved: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, return_loss: bool = False) -> torch.Tensor:
+        """Logits (b, n, num_tokens), or the mean cross-entropy (label pad_id ignored) when training.
+
+        seq: (b, n) int64 token ids. retrieved: (b, n // chunk_size, k, 2 * chunk_size) int64 neighbor tokens
+        (neighbor + continuation, pad id 0) or None to run without retrieval. With ``return_loss=True`` and
+        no ``labels``, seq holds n + 1 tokens and is split into inputs seq[:, :-1] and labels seq[:, 1:]
+        (as in RETRO-pytorch); retrieved then covers the n inputs. With ``labels`` (b, n) the loss is returned.
+        """
+        if labels is None and return_loss:
+            seq, labels = seq[:, :-1], seq[:, 1:]  # (b, n), (b, n)
+        logits = self.to_logits(self.hidden_states(seq, retrieved))  # (b, n, num_tokens)
+        if labels is None:
+            return logits
+        if labels.shape != seq.shape:
+            raise ValueError(f"labels {tuple(labels.shape)} must match the inputs {tuple(seq.shape)}")
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                               ignore_index=self.pad_id)
+
+    @torch.no_grad()
+    def next_token_logits(self, prefix: torch.Tensor, retrieved: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits (b, num_tokens) for the token after prefix (b, n), any n >= 1.
+
+        retrieved holds the neighbors of the prefix's completed chunks, (b, n // chunk_size, k, L), or None.
+        Only the last position goes through the output projection. Recomputes the whole prefix (no cache).
+        """
+        hidden = self.hidden_states(prefix, retrieved)  # (b, n, dec_dim)
+        return self.to_logits(hidden[:, -1])  # (b, num_tokens)

@@ -1,0 +1,231 @@
+"""Unit tests for models/retro.py: shapes, the chunk-shift causality rule, training, prefixes, PKM."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from models.retro import RETRO, RetroConfig, retro_config
+
+C = 4  # tiny preset chunk size
+K = 2  # neighbors per chunk
+V = 64  # tiny preset vocabulary
+HAS_PKM = importlib.util.find_spec("models.pkm") is not None
+
+
+def _model(**overrides) -> RETRO:
+    torch.manual_seed(0)
+    # a larger init than the default makes every dependency visible well above float32 noise
+    model = RETRO(retro_config("tiny", **{"init_std": 0.2, **overrides}))
+    return model.eval()
+
+
+def _batch(b: int = 2, n: int = 16, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(1, V, (b, n), generator=g)  # (b, n)
+    retrieved = torch.randint(1, V, (b, n // C, K, 2 * C), generator=g)  # (b, R, k, 2c)
+    return seq, retrieved
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item() if a.numel() else 0.0
+
+
+SAME = 1e-5  # float32 noise bound for "unchanged"
+CHANGED = 1e-3  # a real dependency moves the logits by far more than this
+
+
+def test_shapes_with_and_without_retrieval():
+    model = _model()
+    seq, retrieved = _batch()
+    assert model(seq, retrieved).shape == (2, 16, V)
+    assert model(seq).shape == (2, 16, V)
+    assert model(seq, retrieved[:, :, 0]).shape == (2, 16, V)  # (b, R, L): one neighbor
+    assert model.next_token_logits(seq[:, :7], retrieved[:, :1]).shape == (2, V)
+    full = torch.cat((seq, seq[:, :1]), dim=1)  # n + 1 tokens: inputs and labels
+    loss = model(full, retrieved, return_loss=True)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    loss2 = model(seq, retrieved, labels=full[:, 1:])
+    assert torch.allclose(loss, loss2)
+
+
+def test_bad_retrieved_shape_raises():
+    model = _model()
+    seq, retrieved = _batch()
+    with pytest.raises(ValueError):
+        model(seq, retrieved[:, :3])  # 16 tokens have 4 completed chunks
+    with pytest.raises(ValueError):
+        model(seq[:, :9], retrieved[:, :3])  # 9 tokens have 2 completed chunks
+    with pytest.raises(ValueError):
+        model(torch.randint(1, V, (1, 65)))  # longer than max_seq_len
+
+
+@pytest.mark.parametrize("deepnet", [False, True])
+def test_no_token_sees_its_future(deepnet: bool):
+    model = _model(use_deepnet=deepnet)
+    seq, retrieved = _batch(b=1)
+    n, R = seq.shape[1], retrieved.shape[1]
+    with torch.no_grad():
+        base = model(seq, retrieved)  # (1, n, V)
+        for p in range(n):
+            # later tokens never change earlier logits; the token itself changes its own logits
+            later = seq.clone()
+            later[:, p] = (later[:, p] % (V - 1)) + 1
+            out = model(later, retrieved)
+            assert _max_diff(out[:, :p], base[:, :p]) < SAME, f"position < {p} saw token {p}"
+            assert _max_diff(out[:, p], base[:, p]) > CHANGED
+        for j in range(R):
+            # neighbors of chunk j are visible from the chunk's last token, (j+1)*c - 1, onwards
+            first = (j + 1) * C - 1
+            other = retrieved.clone()
+            other[:, j] = torch.randint(1, V, other[:, j].shape, generator=torch.Generator().manual_seed(j))
+            out = model(seq, other)
+            assert _max_diff(out[:, :first], base[:, :first]) < SAME, f"tokens before {first} saw chunk {j}"
+            assert _max_diff(out[:, first], base[:, first]) > CHANGED, f"token {first} ignores chunk {j}"
+            assert _max_diff(out[:, first:], base[:, first:]) > CHANGED
+
+
+def test_first_tokens_attend_to_nothing():
+    model = _model()
+    seq, retrieved = _batch()
+    with torch.no_grad():
+        with_r, without = model(seq, retrieved), model(seq)
+    assert _max_diff(with_r[:, : C - 1], without[:, : C - 1]) < SAME
+    assert _max_diff(with_r[:, C - 1:], without[:, C - 1:]) > CHANGED
+
+
+def test_all_padding_neighbors_stay_finite():
+    model = _model()
+    seq, retrieved = _batch()
+    retrieved[:, 1] = 0  # chunk 1 found no neighbors
+    retrieved[:, 2, 0, C:] = 0  # a neighbor with no continuation
+    with torch.no_grad():
+        out = model(seq, retrieved)
+    assert torch.isfinite(out).all()
+
+
+def test_prefix_matches_longer_sequence():
+    model = _model()
+    seq, retrieved = _batch()
+    with torch.no_grad():
+        full = model(seq, retrieved)  # (b, 16, V)
+        for n in range(1, seq.shape[1]):
+            part = model(seq[:, :n], retrieved[:, : n // C])
+            assert part.shape == (2, n, V)
+            assert _max_diff(part, full[:, :n]) < SAME, f"prefix of {n} tokens"
+            nxt = model.next_token_logits(seq[:, :n], retrieved[:, : n // C])
+            assert _max_diff(nxt, full[:, n - 1]) < SAME
+
+
+def _overfit(model: RETRO, steps: int, use_retrieval: bool = True) -> tuple[float, float]:
+    model.train()
+    seq, retrieved = _batch(n=17)
+    retrieved = retrieved[:, :4]  # 16 inputs -> 4 chunks
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        loss = model(seq, retrieved if use_retrieval else None, return_loss=True)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses[0], losses[-1]
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    model = RETRO(retro_config("tiny"))
+    first, last = _overfit(model, steps=80)
+    assert last < 0.25 * first, (first, last)
+
+
+def test_training_without_retrieval():
+    torch.manual_seed(0)
+    model = RETRO(retro_config("tiny"))
+    first, last = _overfit(model, steps=40, use_retrieval=False)
+    assert last < 0.6 * first, (first, last)
+
+
+def test_loss_ignores_pad_labels():
+    model = _model()
+    seq, retrieved = _batch(n=17)
+    retrieved = retrieved[:, :4]
+    padded = seq.clone()
+    padded[:, -5:] = 0  # padded document tail: those labels must not count
+    loss = model(padded, retrieved, return_loss=True)
+    logits = model(padded[:, :-1], retrieved)
+    labels = padded[:, 1:]
+    keep = labels != 0
+    expected = torch.nn.functional.cross_entropy(logits[keep], labels[keep])
+    assert torch.allclose(loss, expected, atol=1e-5)
+
+
+def test_bf16_autocast_close_to_float32():
+    model = _model(init_std=0.02)
+    seq, retrieved = _batch(n=17)
+    retrieved = retrieved[:, :4]
+    loss32 = model(seq, retrieved, return_loss=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss16 = model(seq, retrieved, return_loss=True)
+    loss16.backward()
+    assert torch.isfinite(loss16)
+    assert abs(loss16.item() - loss32.item()) < 0.05
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.skipif(not HAS_PKM, reason="models/pkm.py not available")
+def test_pkm_replaces_feed_forward():
+    from models.pkm import PKMConfig, ProductKeyMemory
+
+    pkm = PKMConfig(num_keys=8, topk=4, heads=2, dim_head=8)
+    model = _model(pkm_layers=(2,), pkm=pkm)
+    pkms = [m for m in model.modules() if isinstance(m, ProductKeyMemory)]
+    assert len(pkms) == 1 and model.decoder[1].ff.fn is pkms[0]
+    seq, retrieved = _batch(n=17)
+    retrieved = retrieved[:, :4]
+    model.train()
+    loss = model(seq, retrieved, return_loss=True)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in pkms[0].parameters())
+    # still causal with a memory layer
+    model.eval()
+    with torch.no_grad():
+        base = model(seq[:, :16], retrieved)
+        later = seq[:, :16].clone()
+        later[:, 9] = (later[:, 9] % (V - 1)) + 1
+        out = model(later, retrieved)
+    assert _max_diff(out[:, :9], base[:, :9]) < SAME
+    assert _max_diff(out[:, 9], base[:, 9]) > CHANGED
+    # default PKMConfig when only layers are named
+    assert len([m for m in _model(pkm_layers=(1, 3)).modules() if isinstance(m, ProductKeyMemory)]) == 2
+
+
+def test_config_validation_and_presets():
+    assert retro_config("readme").dec_cross_attn_layers == (3, 6, 9, 12)
+    assert retro_config("readme").num_tokens == 30522
+    assert retro_config("paper_172m").dec_cross_attn_layers == (6, 9, 12)
+    assert retro_config("tiny", dec_cross_attn_layers=[3, 1]).dec_cross_attn_layers == (1, 3)
+    bad = [
+        dict(dec_cross_attn_layers=(13,)),
+        dict(dec_cross_attn_layers=(0,)),
+        dict(enc_cross_attn_layers=(3,), enc_depth=2),
+        dict(chunk_size=0),
+        dict(rotary_dim=7),
+        dict(rotary_dim=128, dim_head=64),
+        dict(dec_attn_dropout=1.0),
+        dict(pad_id=-1),
+        dict(heads=True),
+        dict(pkm_layers=(2, 2)),
+    ]
+    for kw in bad:
+        with pytest.raises(ValueError):
+            RetroConfig(**kw)
+    with pytest.raises(ValueError):
+        retro_config("nope")
+    with pytest.raises(ValueError):
+        retro_config("tiny", not_a_field=1)
+    with pytest.raises(TypeError):
+        RetroConfig(64)  # keyword-only
