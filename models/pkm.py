@@ -18,8 +18,10 @@ Public API (imported by other models, keep it stable):
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from functools import lru_cache
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +70,10 @@ class PKMConfig:
     sparse_values: bool = False
     """Give the value table sparse gradients (needs an optimizer that takes them, e.g. ``SparseAdam``)."""
 
+    fast_backward: bool = True
+    """Compute the value read's backward with sparse-CSR kernels (same result as ``EmbeddingBag``'s,
+    several times faster on CPU, where torch's per-sample-weight backward is single-threaded)."""
+
     def __post_init__(self) -> None:
         if self.num_keys < 1:
             raise ValueError(f"num_keys must be >= 1, got {self.num_keys}")
@@ -87,6 +93,67 @@ class PKMConfig:
     def resolved_dim_head(self, dim: int) -> int:
         """The half-query width used for a model of width ``dim``."""
         return self.dim_head if self.dim_head is not None else min(128, dim)
+
+
+@lru_cache(maxsize=32)
+def _candidate_pairs(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions (i, j) in the k x k grid of sorted half-scores that can hold a top-k product score.
+
+    Both half-score lists are sorted descending, so pair (i, j) is dominated by the (i + 1) * (j + 1)
+    pairs above-left of it: only pairs with (i + 1) * (j + 1) <= k can be among the k best (about
+    k * ln k pairs instead of k ** 2; exact, ties included up to the choice among equal scores).
+    """
+    ii, jj = [], []
+    for i in range(k):
+        for j in range(k // (i + 1)):
+            ii.append(i)
+            jj.append(j)
+    return torch.tensor(ii, dtype=torch.long), torch.tensor(jj, dtype=torch.long)
+
+
+class _WeightedBagSum(torch.autograd.Function):
+    """``out[t] = sum_j w[t, j] * W[idx[t, j]]``, i.e. ``embedding_bag(mode='sum')``, with a faster CPU backward.
+
+    torch's gradient for ``per_sample_weights`` loops over all ``T * B`` reads on one thread; here it is one
+    sampled dense-dense matmul (``torch.sparse.sampled_addmm``: ``<grad[t], W[idx[t, j]]>``), which runs on
+    all cores. The value-table gradient is torch's own dense embedding-bag backward. Same numbers.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, idx: torch.Tensor, w: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        # idx (T, B) int64, w (T, B) in table's dtype, table (V, D) -> out (T, D)
+        T, B = idx.shape
+        flat, w_flat = idx.reshape(-1), w.reshape(-1)  # (T*B,)
+        offsets = torch.arange(0, T * B, B, device=idx.device)  # (T,)
+        out, _, _, max_idx = torch.ops.aten._embedding_bag(table, flat, offsets, False, 0, False, w_flat, False, -1)
+        # (the CPU fast path may leave offset2bag unfilled; for fixed-size bags it is known anyway)
+        offset2bag = torch.arange(T, device=idx.device).repeat_interleave(B)  # (T*B,)
+        bag_size = torch.full((T,), B, dtype=torch.long, device=idx.device)  # (T,)
+        ctx.save_for_backward(flat, w_flat, table, offset2bag, bag_size, max_idx)
+        ctx.shape = (T, B)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        flat, w_flat, table, offset2bag, bag_size, max_idx = ctx.saved_tensors
+        T, B = ctx.shape
+        V = table.shape[0]
+        grad = grad.to(table.dtype).contiguous()  # (T, D)
+        grad_w = grad_table = None
+        if ctx.needs_input_grad[1]:
+            crow = torch.arange(0, T * B + 1, B, device=flat.device)  # (T+1,): B reads per token
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+                pattern = torch.sparse_csr_tensor(
+                    crow, flat, torch.zeros_like(w_flat), size=(T, V), check_invariants=False
+                )
+                dots = torch.sparse.sampled_addmm(pattern, grad, table.t(), beta=0.0)  # CSR (T, V)
+            grad_w = dots.values().view(T, B)
+        if ctx.needs_input_grad[2]:
+            grad_table = torch.ops.aten._embedding_bag_dense_backward(
+                grad, flat, offset2bag, bag_size, max_idx, V, False, 0, w_flat, -1
+            )  # (V, D)
+        return None, grad_w, grad_table
 
 
 class ProductKeyMemory(nn.Module):
@@ -138,12 +205,13 @@ class ProductKeyMemory(nn.Module):
         scores, idx = dots.float().topk(k, dim=-1)  # (2h, T, k) each
         scores = scores.view(2, h, T, k)
         idx = idx.view(2, h, T, k)
-        # the best product keys lie within the Cartesian product of the two per-half top-k lists
-        all_scores = (scores[0].unsqueeze(-1) + scores[1].unsqueeze(-2)).view(h, T, k * k)  # (h, T, k*k)
-        best, best_pos = all_scores.topk(k, dim=-1)  # (h, T, k)
-        # decode a position p in the k*k grid into (row i, column j) of the product, then the slot id
-        i_x = idx[0].gather(-1, best_pos // k)  # (h, T, k)
-        i_y = idx[1].gather(-1, best_pos % k)  # (h, T, k)
+        # the best product keys lie within the Cartesian product of the two sorted per-half top-k lists,
+        # and only the ~k ln k grid pairs with (i+1)(j+1) <= k can make it (see _candidate_pairs)
+        ci, cj = (t.to(x.device) for t in _candidate_pairs(k))  # (C,), (C,)
+        cand = scores[0][..., ci] + scores[1][..., cj]  # (h, T, C)
+        best, best_pos = cand.topk(k, dim=-1)  # (h, T, k)
+        i_x = idx[0].gather(-1, ci[best_pos])  # (h, T, k)
+        i_y = idx[1].gather(-1, cj[best_pos])  # (h, T, k)
         indices = i_x * K + i_y  # (h, T, k)
         weights = self.attn_dropout(best.softmax(dim=-1))  # (h, T, k), float32
         indices = indices.permute(1, 0, 2).reshape(T, h * k)  # (T, h*k)
@@ -155,9 +223,13 @@ class ProductKeyMemory(nn.Module):
         b, n, _ = x.shape
         indices, weights = self.select(x)  # (T, h*k), (T, h*k)
         w = self.values.weight
-        out = F.embedding_bag(
-            indices, w, mode="sum", per_sample_weights=weights.to(w.dtype), sparse=self.config.sparse_values
-        )  # (T, dim)
+        weights = weights.to(w.dtype)
+        if self.config.fast_backward and not self.config.sparse_values and w.device.type == "cpu":
+            out = _WeightedBagSum.apply(indices, weights, w)  # (T, dim)
+        else:
+            out = F.embedding_bag(
+                indices, w, mode="sum", per_sample_weights=weights, sparse=self.config.sparse_values
+            )  # (T, dim)
         out = self.value_dropout(self.out_norm(out))
         return out.view(b, n, self.dim).to(x.dtype)
 
