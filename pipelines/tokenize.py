@@ -11,6 +11,7 @@ they come out byte-identical on every run.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import time
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet  # noqa: F401 - imported once per worker, not on the first part written
 import ray
 
 from pipelines.chunking import doc_to_chunks, seq_starts
@@ -27,7 +29,7 @@ from pipelines.manifest import invalid_parts, part_name, read_manifest, write_ma
 from pipelines.parquet_io import write_table
 from pipelines.readers import Record, read_item
 from pipelines.storage import Location, exists, open_location, read_bytes, remove_tree, write_bytes_atomic
-from pipelines.tokenizer import load_tokenizer
+from pipelines.tokenizer import ChunkTokenizer, load_tokenizer
 
 OUTPUT_FOLDERS = ("docs", "seqs", "quarantine", "chunks")  # chunks last: its manifest marks the stage done
 STAGING = "chunks/_staging"
@@ -115,40 +117,42 @@ def _load_staged(out: Location, rel: str) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-class TokenizeUnits:
-    """Ray Data actor: loads the tokenizer once, tokenizes the units it is given, stages them."""
+@functools.lru_cache(maxsize=4)
+def _cached_tokenizer(name: str) -> ChunkTokenizer:
+    """One tokenizer per worker process: Ray reuses warm workers across tasks and both passes."""
+    return load_tokenizer(name)
 
-    def __init__(self, out_url: str, plan: str, settings: TokenizeSettings):
-        self.out = open_location(out_url)
-        self.plan = plan
-        self.settings = settings
-        self.tokenizer = load_tokenizer(settings.tokenizer)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = []
-        for unit_json in batch["unit"]:
-            unit = WorkUnit.from_dict(json.loads(unit_json))
-            rel = _staged_name(self.plan, unit.index)
-            staged = None
-            if exists(self.out, rel):
-                try:
-                    staged = _load_staged(self.out, rel)  # kept from a killed run
-                except Exception:  # noqa: BLE001 - a damaged staged file is simply redone
-                    staged = None
-            if staged is None:
-                staged = tokenize_unit(unit, self.settings, self.tokenizer)
-                buf = io.BytesIO()
-                np.savez(buf, **staged)
-                write_bytes_atomic(self.out, rel, buf.getvalue())
-            rows.append({
-                "index": unit.index,
-                "docs": len(staged["doc_chunks"]),
-                "chunks": int(staged["tokens"].shape[0]),
-                "quarantined": len(staged["q_reason"]),
-                "item_records": json.dumps(staged["item_records"].tolist()),
-                "reasons": json.dumps(Counter(staged["q_reason"].tolist())),
-            })
-        return {k: np.asarray([r[k] for r in rows]) for k in rows[0]}
+def stage_or_load_unit(out: Location, plan: str, unit: WorkUnit, settings: TokenizeSettings) -> dict[str, np.ndarray]:
+    """The staged arrays of ``unit``: kept from an earlier (killed) run when intact, else computed now."""
+    rel = _staged_name(plan, unit.index)
+    if exists(out, rel):
+        try:
+            return _load_staged(out, rel)
+        except Exception:  # noqa: BLE001 - a damaged staged file is simply redone
+            pass
+    staged = tokenize_unit(unit, settings, _cached_tokenizer(settings.tokenizer))
+    buf = io.BytesIO()
+    np.savez(buf, **staged)
+    write_bytes_atomic(out, rel, buf.getvalue())
+    return staged
+
+
+def tokenize_batch(batch: dict[str, np.ndarray], out_url: str, plan: str, settings: TokenizeSettings) -> dict[str, np.ndarray]:
+    """Ray Data UDF over a batch of work units (JSON strings); returns per-unit counts only."""
+    out = open_location(out_url)
+    rows = []
+    for unit_json in batch["unit"]:
+        unit = WorkUnit.from_dict(json.loads(unit_json))
+        staged = stage_or_load_unit(out, plan, unit, settings)
+        rows.append({
+            "index": unit.index,
+            "docs": len(staged["doc_chunks"]),
+            "chunks": int(staged["tokens"].shape[0]),
+            "item_records": json.dumps(staged["item_records"].tolist()),
+            "reasons": json.dumps(Counter(staged["q_reason"].tolist())),
+        })
+    return {k: np.asarray([r[k] for r in rows]) for k in rows[0]}
 
 
 # ----------------------------------------------------------------------------- pass 2: finalize
@@ -194,15 +198,12 @@ def finalize_unit(out: Location, plan: str, unit: WorkUnit, doc_offset: int, chu
     return {folder: write_table(out, f"{folder}/{name}", tables[folder]) | {"path": name} for folder in OUTPUT_FOLDERS}
 
 
-def finalize_batch(batch: dict[str, np.ndarray], out_url: str, plan: str, settings: TokenizeSettings) -> dict[str, np.ndarray]:
-    out = open_location(out_url)
-    results = []
-    for task_json in batch["task"]:
-        t = json.loads(task_json)
-        entries = finalize_unit(out, plan, WorkUnit.from_dict(t["unit"]), t["doc_offset"], t["chunk_offset"],
-                                t["record_offsets"], settings)
-        results.append(json.dumps(entries))
-    return {"entries": np.asarray(results)}
+@ray.remote(num_cpus=1)
+def finalize_task(out_url: str, plan: str, settings: TokenizeSettings, task_json: str) -> dict[str, dict]:
+    """Pass 2 as a plain Ray task: a few integers in, four small parts out (cheaper than a dataset)."""
+    t = json.loads(task_json)
+    return finalize_unit(open_location(out_url), plan, WorkUnit.from_dict(t["unit"]), t["doc_offset"],
+                         t["chunk_offset"], t["record_offsets"], settings)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -279,10 +280,10 @@ def run_tokenize(*, corpus: list[str], out: Location, chunk_size: int, seq_len: 
             out.fs.rm(out.path(f"{folder}/_manifest.json"))
 
     ds = ray.data.from_items([{"unit": json.dumps(u.to_dict())} for u in units], override_num_blocks=len(units))
-    counted = ds.map_batches(TokenizeUnits, fn_constructor_kwargs={"out_url": out.url, "plan": plan, "settings": settings},
-                             batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, concurrency)),
-                             num_cpus=1).take_all()
+    counted = ds.map_batches(tokenize_batch, fn_kwargs={"out_url": out.url, "plan": plan, "settings": settings},
+                             batch_size=1, num_cpus=1, concurrency=max(1, concurrency)).take_all()
     counted.sort(key=lambda r: r["index"])
+    tokenize_seconds = time.perf_counter() - start
 
     docs = np.array([r["docs"] for r in counted], dtype=np.int64)
     chunks = np.array([r["chunks"] for r in counted], dtype=np.int64)
@@ -291,10 +292,9 @@ def run_tokenize(*, corpus: list[str], out: Location, chunk_size: int, seq_len: 
     record_offsets = _record_offsets(units, [json.loads(r["item_records"]) for r in counted])
     tasks = [json.dumps({"unit": u.to_dict(), "doc_offset": int(d), "chunk_offset": int(c), "record_offsets": ro})
              for u, d, c, ro in zip(units, doc_offsets, chunk_offsets, record_offsets)]
-    finals = ray.data.from_items([{"task": t} for t in tasks], override_num_blocks=len(tasks)).map_batches(
-        finalize_batch, fn_kwargs={"out_url": out.url, "plan": plan, "settings": settings}, batch_size=1, num_cpus=1
-    ).take_all()
-    entries = sorted((json.loads(r["entries"]) for r in finals), key=lambda e: e["chunks"]["path"])
+    entries = ray.get([finalize_task.remote(out.url, plan, settings, t) for t in tasks])
+    print(f"tokenize: pass 1 (tokenize) {tokenize_seconds:.1f} s, pass 2 (write parts) "
+          f"{time.perf_counter() - start - tokenize_seconds:.1f} s", flush=True)
 
     reasons: Counter = Counter()
     for r in counted:
