@@ -1,0 +1,447 @@
+"""A kNN memory of (key, value) pairs for the Memorizing Transformer, one memory per batch row.
+
+Why this shape: a Memorizing Transformer streams consecutive segments of one document per batch row and
+attends, from every query, to the ``k`` most similar keys that earlier segments of the *same* row left
+behind. So each row owns a bounded FIFO memory: when it is full, the oldest entries leave, and when the
+row's document ends, the row is emptied. Every entry a search returns must be one that is in the memory
+now (the seed's memory broke this once full: it reset its index and then returned wrong or no entries).
+
+Storage is a ring buffer per row: ``keys``/``values`` tensors ``(rows, capacity, dim)`` on the model's
+device and a per-row count of entries ever added since the row was last cleared. Entry ``i`` of a row
+(its id, counted from the last clear) lives in slot ``i % capacity``; the row holds ids
+``[max(0, count - capacity), count)``, i.e. slots ``[0, min(count, capacity))``. Adding is a scatter
+(O(n)); eviction is implicit (the slot is overwritten).
+
+Search has two paths, chosen per row by size and device:
+  * exact: a batched matmul of queries against the filled slots plus ``topk`` (always on GPU; on CPU
+    while a row holds fewer than ``faiss_min_entries`` entries);
+  * faiss IVF-flat (CPU, large rows): one ``IndexIVFFlat`` per row mirrors the row's entries with their
+    ids; evicted ids are removed before their slot is reused, so a returned id always names a live slot.
+    The coarse quantizer is trained from the row's own keys when the row gets large and retrained as the
+    row grows and turns over.
+State (buffers and counts) round-trips through :meth:`KNNMemory.state_dict`; faiss indexes are derived
+state and are rebuilt from the buffers when needed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+try:  # faiss is optional: without it every search is exact
+    import faiss  # type: ignore
+except ImportError:  # pragma: no cover - faiss-cpu is a project dependency
+    faiss = None
+
+__all__ = ["KNNMemoryConfig", "KNNMemory", "KNNSearchResult"]
+
+RowSelector = Union[None, int, Sequence[int], torch.Tensor, np.ndarray]
+
+_BACKENDS = ("auto", "exact", "faiss")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(kw_only=True)
+class KNNMemoryConfig:
+    """Settings of a per-row kNN memory."""
+
+    dim: int = 64
+    """Width of keys and values (the attention head width)."""
+
+    capacity: int = 65536
+    """Entries kept per row; when full, the oldest entries are evicted first (FIFO)."""
+
+    backend: str = "auto"
+    """``"auto"`` (exact on GPU and for small rows, faiss IVF-flat for large rows on CPU), ``"exact"``, or
+    ``"faiss"`` (faiss for every row that has at least ``faiss_min_entries``; exact below that)."""
+
+    faiss_min_entries: int = 8192
+    """A row switches from exact search to faiss once it holds this many entries (CPU only)."""
+
+    nlist: Optional[int] = None
+    """IVF lists per row at full size; ``None`` means about ``4 * sqrt(capacity)`` (1024 at 64k).
+    Smaller rows use fewer lists (at least ``train_points_per_list`` training points per list)."""
+
+    nprobe: int = 8
+    """IVF lists scanned per query: the speed/recall knob."""
+
+    train_points_per_list: int = 32
+    """k-means sample size per list when (re)training the IVF quantizer."""
+
+    train_iters: int = 10
+    """k-means iterations when (re)training the IVF quantizer."""
+
+    retrain_growth: float = 2.0
+    """Retrain a row's quantizer when its size has grown by this factor since the last training."""
+
+    retrain_turnover: float = 1.0
+    """Retrain a row's quantizer after this many capacities of new entries since the last training."""
+
+    storage_dtype: str = "float32"
+    """dtype of the key/value ring buffers: ``"float32"``, ``"bfloat16"`` or ``"float16"``."""
+
+    exact_dtype: str = "float32"
+    """dtype of the exact-search matmul: ``"float32"`` (bit-exact ranking) or ``"bfloat16"`` (faster on
+    CPUs with bf16 units and on GPU; near-ties may swap)."""
+
+    exact_chunk_elems: int = 1 << 24
+    """Cap on ``queries x entries`` scores materialised at once per row by the exact search."""
+
+    def __post_init__(self) -> None:
+        if self.dim < 1:
+            raise ValueError(f"dim must be >= 1, got {self.dim}")
+        if self.capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {self.capacity}")
+        if self.backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {self.backend!r}")
+        if self.backend == "faiss" and faiss is None:
+            raise ValueError("backend='faiss' needs the faiss package (pip install faiss-cpu)")
+        if self.faiss_min_entries < 1:
+            raise ValueError(f"faiss_min_entries must be >= 1, got {self.faiss_min_entries}")
+        if self.nlist is not None and self.nlist < 1:
+            raise ValueError(f"nlist must be >= 1 or None, got {self.nlist}")
+        if self.nprobe < 1:
+            raise ValueError(f"nprobe must be >= 1, got {self.nprobe}")
+        if self.train_points_per_list < 1 or self.train_iters < 1:
+            raise ValueError("train_points_per_list and train_iters must be >= 1")
+        if self.retrain_growth <= 1.0:
+            raise ValueError(f"retrain_growth must be > 1, got {self.retrain_growth}")
+        if self.retrain_turnover <= 0.0:
+            raise ValueError(f"retrain_turnover must be > 0, got {self.retrain_turnover}")
+        for name in ("storage_dtype", "exact_dtype"):
+            if getattr(self, name) not in _DTYPES:
+                raise ValueError(f"{name} must be one of {tuple(_DTYPES)}, got {getattr(self, name)!r}")
+        if self.exact_chunk_elems < 1:
+            raise ValueError(f"exact_chunk_elems must be >= 1, got {self.exact_chunk_elems}")
+
+    @property
+    def full_nlist(self) -> int:
+        """IVF lists used once a row is full."""
+        if self.nlist is not None:
+            return self.nlist
+        return int(min(4096, max(16, 4 * math.sqrt(self.capacity))))
+
+
+@dataclass
+class KNNSearchResult:
+    """What a search returns: the retrieved pairs and which of them are real."""
+
+    keys: torch.Tensor
+    """(rows, queries, k, dim) retrieved keys, zero where ``mask`` is False."""
+
+    values: torch.Tensor
+    """(rows, queries, k, dim) retrieved values, zero where ``mask`` is False."""
+
+    mask: torch.Tensor
+    """(rows, queries, k) bool: True where a live entry was found."""
+
+    ids: torch.Tensor
+    """(rows, queries, k) int64 entry ids (counted from the row's last clear), -1 where ``mask`` is False."""
+
+
+class _RowIndex:
+    """One faiss IVF-flat index mirroring one row's live entries (ids = entry ids since the row's clear)."""
+
+    def __init__(self, dim: int, nlist: int, cfg: KNNMemoryConfig, train_keys: np.ndarray) -> None:
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.niter = cfg.train_iters
+        index.cp.max_points_per_centroid = cfg.train_points_per_list
+        index.cp.min_points_per_centroid = 1
+        index.cp.verbose = False
+        index.train(train_keys)
+        index.nprobe = min(cfg.nprobe, nlist)
+        self.index = index
+        self.quantizer = quantizer  # keep the quantizer alive as long as the index
+        self.nlist = nlist
+        self.size_at_train = int(train_keys.shape[0])
+        self.added_since_train = 0
+
+    def add(self, keys: np.ndarray, ids: np.ndarray) -> None:
+        if keys.shape[0]:
+            self.index.add_with_ids(keys, ids)
+            self.added_since_train += int(keys.shape[0])
+
+    def remove_below(self, first_live_id: int) -> None:
+        """Drop every id below ``first_live_id`` (the evicted ones)."""
+        if first_live_id > 0:
+            self.index.remove_ids(faiss.IDSelectorRange(0, int(first_live_id)))
+
+    def search(self, queries: np.ndarray, k: int) -> np.ndarray:
+        _, ids = self.index.search(queries, k)
+        return ids  # (Q, k) int64, -1 where fewer found
+
+
+def _to_numpy_f32(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().to("cpu", torch.float32).numpy())
+
+
+class KNNMemory:
+    """Per-row FIFO kNN memory: ``add``, ``search``, ``clear`` rows; state on a device; faiss for big rows.
+
+    Args:
+        num_rows: batch rows (one independent memory each).
+        config: :class:`KNNMemoryConfig`.
+        device: where the key/value buffers live (the model's device).
+    """
+
+    def __init__(self, num_rows: int, config: KNNMemoryConfig, device: Union[str, torch.device, None] = None):
+        if num_rows < 1:
+            raise ValueError(f"num_rows must be >= 1, got {num_rows}")
+        self.config = config
+        self.num_rows = num_rows
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        dt = _DTYPES[config.storage_dtype]
+        shape = (num_rows, config.capacity, config.dim)
+        self.keys = torch.zeros(shape, dtype=dt, device=self.device)  # (R, C, d)
+        self.values = torch.zeros(shape, dtype=dt, device=self.device)  # (R, C, d)
+        # entries ever added to each row since its last clear (host-side: no device syncs to read it)
+        self.counts = np.zeros(num_rows, dtype=np.int64)  # (R,)
+        self._indexes: list[Optional[_RowIndex]] = [None] * num_rows
+
+    # ------------------------------------------------------------------ bookkeeping
+    @property
+    def capacity(self) -> int:
+        return self.config.capacity
+
+    def sizes(self) -> np.ndarray:
+        """(R,) live entries per row."""
+        return np.minimum(self.counts, self.capacity)
+
+    def _rows(self, rows: RowSelector) -> np.ndarray:
+        if rows is None:
+            return np.arange(self.num_rows)
+        if isinstance(rows, torch.Tensor):
+            rows = rows.detach().cpu()
+            if rows.dtype == torch.bool:
+                if rows.shape != (self.num_rows,):
+                    raise ValueError(f"a boolean row mask must have shape ({self.num_rows},), got {tuple(rows.shape)}")
+                rows = rows.nonzero().flatten()
+            rows = rows.numpy()
+        arr = np.atleast_1d(np.asarray(rows))
+        if arr.dtype == bool:
+            if arr.shape != (self.num_rows,):
+                raise ValueError(f"a boolean row mask must have shape ({self.num_rows},), got {arr.shape}")
+            arr = np.nonzero(arr)[0]
+        arr = arr.astype(np.int64)
+        if arr.size and (arr.min() < 0 or arr.max() >= self.num_rows):
+            raise ValueError(f"row indices must be in [0, {self.num_rows}), got {arr.tolist()}")
+        if len(set(arr.tolist())) != arr.size:
+            raise ValueError(f"row indices must be unique, got {arr.tolist()}")
+        return arr
+
+    def _use_faiss(self) -> bool:
+        return faiss is not None and self.config.backend != "exact" and (
+            self.config.backend == "faiss" or self.device.type == "cpu"
+        )
+
+    # ------------------------------------------------------------------ mutation
+    @torch.no_grad()
+    def clear(self, rows: RowSelector = None) -> None:
+        """Empty the chosen rows (all by default): a bool mask (R,), indices, or None."""
+        idx = self._rows(rows)
+        if idx.size == 0:
+            return
+        self.counts[idx] = 0
+        for r in idx.tolist():
+            self._indexes[r] = None
+        # the buffers need no wiping (slots past a row's size are never read), but zero them so a
+        # state_dict of a cleared row carries no stale data
+        sel = torch.as_tensor(idx, device=self.device)
+        self.keys.index_fill_(0, sel, 0)
+        self.values.index_fill_(0, sel, 0)
+
+    @torch.no_grad()
+    def add(self, keys: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor] = None) -> None:
+        """Append pairs to every row, oldest first: ``keys``/``values`` (R, n, dim).
+
+        ``mask`` (R, n) bool keeps only the True pairs of each row (e.g. to skip padding). When a row
+        gets more than ``capacity`` new pairs, only the last ``capacity`` stay (FIFO).
+        """
+        R, C = self.num_rows, self.capacity
+        if keys.shape != values.shape or keys.dim() != 3 or keys.shape[0] != R or keys.shape[2] != self.config.dim:
+            raise ValueError(
+                f"keys and values must both be ({R}, n, {self.config.dim}); got {tuple(keys.shape)}, {tuple(values.shape)}"
+            )
+        n = keys.shape[1]
+        if n == 0:
+            return
+        keys = keys.detach().to(self.device, self.keys.dtype)
+        values = values.detach().to(self.device, self.values.dtype)
+        if mask is None:
+            new_per_row = np.full(R, n, dtype=np.int64)
+            offsets = torch.arange(n, device=self.device).expand(R, n)  # (R, n) rank among the new pairs
+            keep = None
+        else:
+            if mask.shape != (R, n):
+                raise ValueError(f"mask must be ({R}, {n}), got {tuple(mask.shape)}")
+            mask = mask.to(self.device, torch.bool)
+            offsets = mask.long().cumsum(1) - 1  # (R, n)
+            new_per_row = mask.sum(1).cpu().numpy().astype(np.int64)
+            keep = mask
+        counts_before = torch.as_tensor(self.counts, device=self.device)  # (R,)
+        total = torch.as_tensor(new_per_row, device=self.device)  # (R,)
+        ids = counts_before[:, None] + offsets  # (R, n) the id each pair gets
+        # a pair survives if it is among the last C new pairs of its row (older ones would be overwritten)
+        survive = offsets >= (total[:, None] - C)
+        if keep is not None:
+            survive = survive & keep
+        rr, cc = survive.nonzero(as_tuple=True)  # (m,), (m,)
+        slots = ids[rr, cc] % C
+        self.keys[rr, slots] = keys[rr, cc]
+        self.values[rr, slots] = values[rr, cc]
+        counts_after = self.counts + new_per_row
+
+        if self._use_faiss():
+            for r in range(R):
+                index = self._indexes[r]
+                if index is None:
+                    continue
+                if new_per_row[r] == 0:
+                    continue
+                index.remove_below(max(0, int(counts_after[r]) - C))
+                sel = survive[r]
+                index.add(_to_numpy_f32(keys[r][sel]), ids[r][sel].cpu().numpy().astype(np.int64))
+        self.counts = counts_after
+        if self._use_faiss():
+            self._maybe_build_indexes()
+
+    def _maybe_build_indexes(self) -> None:
+        """(Re)train the faiss index of rows that became large, grew, or turned over."""
+        cfg = self.config
+        sizes = self.sizes()
+        for r in range(self.num_rows):
+            size = int(sizes[r])
+            if size < cfg.faiss_min_entries:
+                continue
+            index = self._indexes[r]
+            nlist = max(1, min(cfg.full_nlist, size // cfg.train_points_per_list))
+            if index is not None:
+                grown = size >= cfg.retrain_growth * index.size_at_train and nlist > index.nlist
+                turned = index.added_since_train >= cfg.retrain_turnover * self.capacity
+                if not (grown or turned):
+                    continue
+            self._build_index(r, nlist)
+
+    def _build_index(self, r: int, nlist: int) -> None:
+        size = int(self.sizes()[r])
+        count = int(self.counts[r])
+        keys = _to_numpy_f32(self.keys[r, :size])  # (size, d), slot order
+        slot_ids = np.arange(size, dtype=np.int64)
+        # id of the entry in slot s: the largest id < count with id % C == s
+        C = self.capacity
+        ids = count - 1 - ((count - 1 - slot_ids) % C)
+        rng = np.random.default_rng(count)
+        n_train = min(size, nlist * self.config.train_points_per_list)
+        sample = keys[rng.choice(size, n_train, replace=False)] if n_train < size else keys
+        index = _RowIndex(self.config.dim, nlist, self.config, sample)
+        index.add(keys, ids)
+        index.added_since_train = 0
+        self._indexes[r] = index
+
+    # ------------------------------------------------------------------ search
+    @torch.no_grad()
+    def search(self, queries: torch.Tensor, topk: int) -> KNNSearchResult:
+        """The ``topk`` entries of each row with the largest inner product with each query.
+
+        ``queries`` (R, ..., dim) -> result tensors (R, ..., topk[, dim]). Entries are ordered by score
+        (best first); slots past what a row holds come back masked (``mask`` False, zeros, id -1).
+        """
+        R, d = self.num_rows, self.config.dim
+        if queries.shape[0] != R or queries.shape[-1] != d:
+            raise ValueError(f"queries must be ({R}, ..., {d}), got {tuple(queries.shape)}")
+        if topk < 1:
+            raise ValueError(f"topk must be >= 1, got {topk}")
+        lead = queries.shape[1:-1]
+        q = queries.detach().reshape(R, -1, d)  # (R, Q, d)
+        Q = q.shape[1]
+        ids = torch.full((R, Q, topk), -1, dtype=torch.long, device=self.device)  # (R, Q, k)
+        sizes = self.sizes()
+        use_faiss = self._use_faiss()
+        faiss_rows = [r for r in range(R) if use_faiss and self._indexes[r] is not None]
+        exact_rows = [r for r in range(R) if r not in faiss_rows and sizes[r] > 0]
+        if exact_rows:
+            ids[exact_rows] = self._exact_search(q, exact_rows, topk)
+        for r in faiss_rows:
+            found = self._indexes[r].search(_to_numpy_f32(q[r]), topk)  # (Q, k)
+            ids[r] = torch.from_numpy(found).to(self.device)
+        # only ids a row holds now are valid (a defensive check: faiss never returns evicted ids)
+        counts = torch.as_tensor(self.counts, device=self.device)[:, None, None]  # (R, 1, 1)
+        mask = (ids >= 0) & (ids >= counts - self.capacity) & (ids < counts)  # (R, Q, k)
+        ids = torch.where(mask, ids, torch.full_like(ids, -1))
+        slots = torch.where(mask, ids % self.capacity, torch.zeros_like(ids))  # (R, Q, k)
+        flat = (slots + torch.arange(R, device=self.device)[:, None, None] * self.capacity).reshape(-1)
+        mk = self.keys.reshape(R * self.capacity, d).index_select(0, flat).view(R, Q, topk, d)
+        mv = self.values.reshape(R * self.capacity, d).index_select(0, flat).view(R, Q, topk, d)
+        zero = ~mask[..., None]
+        mk = mk.masked_fill(zero, 0)
+        mv = mv.masked_fill(zero, 0)
+        return KNNSearchResult(
+            keys=mk.view(R, *lead, topk, d),
+            values=mv.view(R, *lead, topk, d),
+            mask=mask.view(R, *lead, topk),
+            ids=ids.view(R, *lead, topk),
+        )
+
+    def _exact_search(self, q: torch.Tensor, rows: list[int], topk: int) -> torch.Tensor:
+        """Brute force over the filled slots of ``rows``: returns ids (len(rows), Q, topk), -1 if none."""
+        cfg = self.config
+        sizes = self.sizes()[rows]
+        n = int(sizes.max())  # slots [0, n) hold every live entry of these rows
+        R_, Q = len(rows), q.shape[1]
+        rows_t = torch.as_tensor(rows, device=self.device)
+        dt = _DTYPES[cfg.exact_dtype]
+        keys = self.keys[rows_t, :n].to(dt)  # (R', n, d)
+        qq = q[rows_t].to(dt)  # (R', Q, d)
+        size_t = torch.as_tensor(sizes, device=self.device)  # (R',)
+        empty = torch.arange(n, device=self.device)[None, None, :] >= size_t[:, None, None]  # (R', 1, n)
+        k = min(topk, n)
+        chunk = max(1, cfg.exact_chunk_elems // max(1, n))
+        out_slots = torch.empty(R_, Q, k, dtype=torch.long, device=self.device)
+        out_valid = torch.empty(R_, Q, k, dtype=torch.bool, device=self.device)
+        for s in range(0, Q, chunk):
+            scores = torch.bmm(qq[:, s : s + chunk], keys.transpose(1, 2))  # (R', q, n)
+            scores = scores.masked_fill(empty, float("-inf"))
+            top, slot = scores.topk(k, dim=-1)  # (R', q, k)
+            out_slots[:, s : s + chunk] = slot
+            out_valid[:, s : s + chunk] = top > float("-inf")
+        counts = torch.as_tensor(self.counts[rows], device=self.device)[:, None, None]  # (R', 1, 1)
+        C = self.capacity
+        slot_ids = counts - 1 - ((counts - 1 - out_slots) % C)  # id stored in each slot
+        res = torch.where(out_valid, slot_ids, torch.full_like(slot_ids, -1))
+        if k < topk:
+            pad = torch.full((R_, Q, topk - k), -1, dtype=torch.long, device=self.device)
+            res = torch.cat([res, pad], dim=-1)
+        return res
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors that fully describe the memory (faiss indexes are rebuilt from them)."""
+        return {"keys": self.keys, "values": self.values, "counts": torch.from_numpy(self.counts.copy())}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore a :meth:`state_dict` (same rows, capacity and dim)."""
+        if tuple(state["keys"].shape) != tuple(self.keys.shape):
+            raise ValueError(f"state keys {tuple(state['keys'].shape)} do not fit memory {tuple(self.keys.shape)}")
+        self.keys.copy_(state["keys"])
+        self.values.copy_(state["values"])
+        self.counts = state["counts"].cpu().numpy().astype(np.int64).copy()
+        self._indexes = [None] * self.num_rows
+        if self._use_faiss():
+            self._maybe_build_indexes()
+
+    def to(self, device: Union[str, torch.device]) -> "KNNMemory":
+        """Move the buffers (in place) and return self."""
+        self.device = torch.device(device)
+        self.keys = self.keys.to(self.device)
+        self.values = self.values.to(self.device)
+        if not self._use_faiss():
+            self._indexes = [None] * self.num_rows
+        else:
+            self._maybe_build_indexes()
+        return self
