@@ -281,7 +281,7 @@ def run_tokenize(*, corpus: list[str], out: Location, chunk_size: int, seq_len: 
 
     ds = ray.data.from_items([{"unit": json.dumps(u.to_dict())} for u in units], override_num_blocks=len(units))
     counted = ds.map_batches(tokenize_batch, fn_kwargs={"out_url": out.url, "plan": plan, "settings": settings},
-                             batch_size=1, num_cpus=1, concurrency=max(1, concurrency)).take_all()
+                             batch_size=1, num_cpus=1, compute=ray.data.TaskPoolStrategy(size=max(1, concurrency))).take_all()
     counted.sort(key=lambda r: r["index"])
     tokenize_seconds = time.perf_counter() - start
 
