@@ -6,8 +6,8 @@ behind. So each row owns a bounded FIFO memory: when it is full, the oldest entr
 row's document ends, the row is emptied. Every entry a search returns must be one that is in the memory
 now (the seed's memory broke this once full: it reset its index and then returned wrong or no entries).
 
-Storage is a ring buffer per row: ``keys``/``values`` tensors ``(rows, capacity, dim)`` on the model's
-device and a per-row count of entries ever added since the row was last cleared. Entry ``i`` of a row
+Storage is a ring buffer per row: one ``kv`` tensor ``(rows, capacity, 2, dim)`` (key and value side by
+side, so a search fetches both with one gather) on the model's device and a per-row count of entries ever added since the row was last cleared. Entry ``i`` of a row
 (its id, counted from the last clear) lives in slot ``i % capacity``; the row holds ids
 ``[max(0, count - capacity), count)``, i.e. slots ``[0, min(count, capacity))``. Adding is a scatter
 (O(n)); eviction is implicit (the slot is overwritten).
@@ -130,11 +130,8 @@ class KNNMemoryConfig:
 class KNNSearchResult:
     """What a search returns: the retrieved pairs and which of them are real."""
 
-    keys: torch.Tensor
-    """(rows, queries, k, dim) retrieved keys, zero where ``mask`` is False."""
-
-    values: torch.Tensor
-    """(rows, queries, k, dim) retrieved values, zero where ``mask`` is False."""
+    kv: torch.Tensor
+    """(rows, queries, k, 2, dim) retrieved (key, value) pairs, zero where ``mask`` is False."""
 
     mask: torch.Tensor
     """(rows, queries, k) bool: True where a live entry was found."""
@@ -142,24 +139,45 @@ class KNNSearchResult:
     ids: torch.Tensor
     """(rows, queries, k) int64 entry ids (counted from the row's last clear), -1 where ``mask`` is False."""
 
+    @property
+    def keys(self) -> torch.Tensor:
+        """(rows, queries, k, dim) view of the retrieved keys."""
+        return self.kv[..., 0, :]
+
+    @property
+    def values(self) -> torch.Tensor:
+        """(rows, queries, k, dim) view of the retrieved values."""
+        return self.kv[..., 1, :]
+
 
 class _RowIndex:
     """One faiss IVF-flat index mirroring one row's live entries (ids = entry ids since the row's clear)."""
 
-    def __init__(self, dim: int, nlist: int, cfg: KNNMemoryConfig, train_keys: np.ndarray) -> None:
+    def __init__(self, dim: int, nlist: int, cfg: KNNMemoryConfig, train_keys: Optional[np.ndarray] = None,
+                 centroids: Optional[np.ndarray] = None, size_at_train: int = 0) -> None:
+        """Train the coarse quantizer on ``train_keys``, or take given ``centroids`` (nlist, dim) as is."""
         quantizer = faiss.IndexFlatIP(dim)
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.cp.niter = cfg.train_iters
-        index.cp.max_points_per_centroid = cfg.train_points_per_list
-        index.cp.min_points_per_centroid = 1
-        index.cp.verbose = False
-        index.train(train_keys)
+        if centroids is not None:
+            quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
+            index.is_trained = True
+        else:
+            index.cp.niter = cfg.train_iters
+            index.cp.max_points_per_centroid = cfg.train_points_per_list
+            index.cp.min_points_per_centroid = 1
+            index.cp.verbose = False
+            index.train(train_keys)
+            size_at_train = int(train_keys.shape[0])
         index.nprobe = min(cfg.nprobe, nlist)
         self.index = index
         self.quantizer = quantizer  # keep the quantizer alive as long as the index
         self.nlist = nlist
-        self.size_at_train = int(train_keys.shape[0])
+        self.size_at_train = size_at_train
         self.added_since_train = 0
+
+    def centroids(self) -> np.ndarray:
+        """(nlist, dim) the trained list centroids."""
+        return self.quantizer.reconstruct_n(0, self.nlist)
 
     def add(self, keys: np.ndarray, ids: np.ndarray) -> None:
         if keys.shape[0]:
@@ -196,9 +214,7 @@ class KNNMemory:
         self.num_rows = num_rows
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         dt = _DTYPES[config.storage_dtype]
-        shape = (num_rows, config.capacity, config.dim)
-        self.keys = torch.zeros(shape, dtype=dt, device=self.device)  # (R, C, d)
-        self.values = torch.zeros(shape, dtype=dt, device=self.device)  # (R, C, d)
+        self.kv = torch.zeros(num_rows, config.capacity, 2, config.dim, dtype=dt, device=self.device)  # (R, C, 2, d)
         # entries ever added to each row since its last clear (host-side: no device syncs to read it)
         self.counts = np.zeros(num_rows, dtype=np.int64)  # (R,)
         self._indexes: list[Optional[_RowIndex]] = [None] * num_rows
@@ -207,6 +223,16 @@ class KNNMemory:
     @property
     def capacity(self) -> int:
         return self.config.capacity
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """(R, C, d) view of the stored keys (slot order)."""
+        return self.kv[:, :, 0]
+
+    @property
+    def values(self) -> torch.Tensor:
+        """(R, C, d) view of the stored values (slot order)."""
+        return self.kv[:, :, 1]
 
     def sizes(self) -> np.ndarray:
         """(R,) live entries per row."""
@@ -251,9 +277,7 @@ class KNNMemory:
             self._indexes[r] = None
         # the buffers need no wiping (slots past a row's size are never read), but zero them so a
         # state_dict of a cleared row carries no stale data
-        sel = torch.as_tensor(idx, device=self.device)
-        self.keys.index_fill_(0, sel, 0)
-        self.values.index_fill_(0, sel, 0)
+        self.kv.index_fill_(0, torch.as_tensor(idx, device=self.device), 0)
 
     @torch.no_grad()
     def add(self, keys: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor] = None) -> None:
@@ -270,45 +294,62 @@ class KNNMemory:
         n = keys.shape[1]
         if n == 0:
             return
-        keys = keys.detach().to(self.device, self.keys.dtype)
-        values = values.detach().to(self.device, self.values.dtype)
+        keys = keys.detach().to(self.device, self.kv.dtype)
+        values = values.detach().to(self.device, self.kv.dtype)
         if mask is None:
-            new_per_row = np.full(R, n, dtype=np.int64)
-            offsets = torch.arange(n, device=self.device).expand(R, n)  # (R, n) rank among the new pairs
-            keep = None
-        else:
-            if mask.shape != (R, n):
-                raise ValueError(f"mask must be ({R}, {n}), got {tuple(mask.shape)}")
-            mask = mask.to(self.device, torch.bool)
-            offsets = mask.long().cumsum(1) - 1  # (R, n)
-            new_per_row = mask.sum(1).cpu().numpy().astype(np.int64)
-            keep = mask
+            self._add_dense(keys, values)
+            return
+        if mask.shape != (R, n):
+            raise ValueError(f"mask must be ({R}, {n}), got {tuple(mask.shape)}")
+        mask = mask.to(self.device, torch.bool)
+        offsets = mask.long().cumsum(1) - 1  # (R, n) rank of each kept pair among the row's new pairs
+        new_per_row = mask.sum(1).cpu().numpy().astype(np.int64)
         counts_before = torch.as_tensor(self.counts, device=self.device)  # (R,)
         total = torch.as_tensor(new_per_row, device=self.device)  # (R,)
         ids = counts_before[:, None] + offsets  # (R, n) the id each pair gets
         # a pair survives if it is among the last C new pairs of its row (older ones would be overwritten)
-        survive = offsets >= (total[:, None] - C)
-        if keep is not None:
-            survive = survive & keep
+        survive = (offsets >= (total[:, None] - C)) & mask
         rr, cc = survive.nonzero(as_tuple=True)  # (m,), (m,)
         slots = ids[rr, cc] % C
-        self.keys[rr, slots] = keys[rr, cc]
-        self.values[rr, slots] = values[rr, cc]
+        self.kv[rr, slots, 0] = keys[rr, cc]
+        self.kv[rr, slots, 1] = values[rr, cc]
         counts_after = self.counts + new_per_row
-
         if self._use_faiss():
             for r in range(R):
-                index = self._indexes[r]
-                if index is None:
-                    continue
-                if new_per_row[r] == 0:
-                    continue
-                index.remove_below(max(0, int(counts_after[r]) - C))
-                sel = survive[r]
-                index.add(_to_numpy_f32(keys[r][sel]), ids[r][sel].cpu().numpy().astype(np.int64))
+                if self._indexes[r] is not None and new_per_row[r] > 0:
+                    sel = survive[r]
+                    self._index_add(r, int(counts_after[r]), keys[r][sel], ids[r][sel].cpu().numpy())
         self.counts = counts_after
         if self._use_faiss():
             self._maybe_build_indexes()
+
+    def _add_dense(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """``add`` without a mask: per row at most two contiguous slice writes into the ring."""
+        R, C = self.num_rows, self.capacity
+        n = keys.shape[1]
+        m = min(n, C)  # only the last C new pairs can survive
+        keys, values = keys[:, n - m :], values[:, n - m :]
+        use_faiss = self._use_faiss()
+        for r in range(R):
+            first_id = int(self.counts[r]) + n - m  # id of keys[r, 0]
+            start = first_id % C
+            head = min(m, C - start)
+            self.kv[r, start : start + head, 0] = keys[r, :head]
+            self.kv[r, start : start + head, 1] = values[r, :head]
+            if head < m:
+                self.kv[r, : m - head, 0] = keys[r, head:]
+                self.kv[r, : m - head, 1] = values[r, head:]
+            self.counts[r] += n
+            if use_faiss and self._indexes[r] is not None:
+                self._index_add(r, int(self.counts[r]), keys[r], np.arange(first_id, first_id + m, dtype=np.int64))
+        if use_faiss:
+            self._maybe_build_indexes()
+
+    def _index_add(self, r: int, count_after: int, keys: torch.Tensor, ids: np.ndarray) -> None:
+        """Mirror an add into row ``r``'s faiss index: drop the evicted ids first, then add the new ones."""
+        index = self._indexes[r]
+        index.remove_below(max(0, count_after - self.capacity))
+        index.add(_to_numpy_f32(keys), ids.astype(np.int64))
 
     def _maybe_build_indexes(self) -> None:
         """(Re)train the faiss index of rows that became large, grew, or turned over."""
@@ -327,7 +368,9 @@ class KNNMemory:
                     continue
             self._build_index(r, nlist)
 
-    def _build_index(self, r: int, nlist: int) -> None:
+    def _build_index(self, r: int, nlist: int, centroids: Optional[np.ndarray] = None, size_at_train: int = 0,
+                     added_since_train: int = 0) -> None:
+        """(Re)build row ``r``'s index from its live entries, training the quantizer unless given centroids."""
         size = int(self.sizes()[r])
         count = int(self.counts[r])
         keys = _to_numpy_f32(self.keys[r, :size])  # (size, d), slot order
@@ -335,12 +378,15 @@ class KNNMemory:
         # id of the entry in slot s: the largest id < count with id % C == s
         C = self.capacity
         ids = count - 1 - ((count - 1 - slot_ids) % C)
-        rng = np.random.default_rng(count)
-        n_train = min(size, nlist * self.config.train_points_per_list)
-        sample = keys[rng.choice(size, n_train, replace=False)] if n_train < size else keys
-        index = _RowIndex(self.config.dim, nlist, self.config, sample)
+        if centroids is None:
+            rng = np.random.default_rng(count)
+            n_train = min(size, nlist * self.config.train_points_per_list)
+            sample = keys[rng.choice(size, n_train, replace=False)] if n_train < size else keys
+            index = _RowIndex(self.config.dim, nlist, self.config, train_keys=sample)
+        else:
+            index = _RowIndex(self.config.dim, nlist, self.config, centroids=centroids, size_at_train=size_at_train)
         index.add(keys, ids)
-        index.added_since_train = 0
+        index.added_since_train = added_since_train
         self._indexes[r] = index
 
     # ------------------------------------------------------------------ search
@@ -375,17 +421,11 @@ class KNNMemory:
         ids = torch.where(mask, ids, torch.full_like(ids, -1))
         slots = torch.where(mask, ids % self.capacity, torch.zeros_like(ids))  # (R, Q, k)
         flat = (slots + torch.arange(R, device=self.device)[:, None, None] * self.capacity).reshape(-1)
-        mk = self.keys.reshape(R * self.capacity, d).index_select(0, flat).view(R, Q, topk, d)
-        mv = self.values.reshape(R * self.capacity, d).index_select(0, flat).view(R, Q, topk, d)
-        zero = ~mask[..., None]
-        mk = mk.masked_fill(zero, 0)
-        mv = mv.masked_fill(zero, 0)
-        return KNNSearchResult(
-            keys=mk.view(R, *lead, topk, d),
-            values=mv.view(R, *lead, topk, d),
-            mask=mask.view(R, *lead, topk),
-            ids=ids.view(R, *lead, topk),
-        )
+        kv = self.kv.view(R * self.capacity, 2 * d).index_select(0, flat).view(R, *lead, topk, 2, d)
+        mask = mask.view(R, *lead, topk)
+        if not bool(mask.all()):
+            kv.masked_fill_(~mask[..., None, None], 0)
+        return KNNSearchResult(kv=kv, mask=mask, ids=ids.view(R, *lead, topk))
 
     def _exact_search(self, q: torch.Tensor, rows: list[int], topk: int) -> torch.Tensor:
         """Brute force over the filled slots of ``rows``: returns ids (len(rows), Q, topk), -1 if none."""
@@ -395,7 +435,10 @@ class KNNMemory:
         R_, Q = len(rows), q.shape[1]
         rows_t = torch.as_tensor(rows, device=self.device)
         dt = _DTYPES[cfg.exact_dtype]
-        keys = self.keys[rows_t, :n].to(dt)  # (R', n, d)
+        if len(rows) == self.num_rows:
+            keys = self.kv[:, :n, 0].to(dt)  # (R, n, d), a strided view when no cast is needed
+        else:
+            keys = self.kv[rows_t, :n, 0].to(dt)  # (R', n, d)
         qq = q[rows_t].to(dt)  # (R', Q, d)
         size_t = torch.as_tensor(sizes, device=self.device)  # (R',)
         empty = torch.arange(n, device=self.device)[None, None, :] >= size_t[:, None, None]  # (R', 1, n)
@@ -420,26 +463,36 @@ class KNNMemory:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors that fully describe the memory (faiss indexes are rebuilt from them)."""
-        return {"keys": self.keys, "values": self.values, "counts": torch.from_numpy(self.counts.copy())}
+        """Tensors that fully describe the memory: the ring buffers, the counts and, for rows with a faiss
+        index, its centroids and training bookkeeping (the index itself is rebuilt from these, so a
+        restored memory answers searches exactly as the saved one did)."""
+        state = {"kv": self.kv, "counts": torch.from_numpy(self.counts.copy())}
+        for r, index in enumerate(self._indexes):
+            if index is not None:
+                state[f"ivf.{r}.centroids"] = torch.from_numpy(index.centroids())
+                state[f"ivf.{r}.train_info"] = torch.tensor([index.size_at_train, index.added_since_train])
+        return state
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore a :meth:`state_dict` (same rows, capacity and dim)."""
-        if tuple(state["keys"].shape) != tuple(self.keys.shape):
-            raise ValueError(f"state keys {tuple(state['keys'].shape)} do not fit memory {tuple(self.keys.shape)}")
-        self.keys.copy_(state["keys"])
-        self.values.copy_(state["values"])
+        if tuple(state["kv"].shape) != tuple(self.kv.shape):
+            raise ValueError(f"state kv {tuple(state['kv'].shape)} does not fit memory {tuple(self.kv.shape)}")
+        self.kv.copy_(state["kv"])
         self.counts = state["counts"].cpu().numpy().astype(np.int64).copy()
         self._indexes = [None] * self.num_rows
         if self._use_faiss():
+            for r in range(self.num_rows):
+                centroids = state.get(f"ivf.{r}.centroids")
+                if centroids is not None and centroids.shape[1] == self.config.dim:
+                    size_at_train, added = (int(v) for v in state[f"ivf.{r}.train_info"].tolist())
+                    self._build_index(r, centroids.shape[0], centroids.numpy(), size_at_train, added)
             self._maybe_build_indexes()
 
     def to(self, device: Union[str, torch.device]) -> "KNNMemory":
         """Move the buffers (in place) and return self."""
         self.device = torch.device(device)
-        self.keys = self.keys.to(self.device)
-        self.values = self.values.to(self.device)
+        self.kv = self.kv.to(self.device)
         if not self._use_faiss():
             self._indexes = [None] * self.num_rows
         else:

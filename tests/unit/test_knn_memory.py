@@ -7,6 +7,15 @@ import torch
 from models.knn_memory import KNNMemory, KNNMemoryConfig
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a shared machine they can lose a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class Reference:
     """The obvious memory: per row a list of (id, key, value), oldest first, capped at capacity."""
 

@@ -7,6 +7,15 @@ from torch import nn
 from models.pkm import PKMConfig, ProductKeyMemory, param_groups
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a shared machine they can lose a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _layer(dim: int = 32, **kw) -> ProductKeyMemory:
     torch.manual_seed(0)
     cfg = PKMConfig(**{"num_keys": 16, "topk": 4, "heads": 2, "dim_head": 8, **kw})
