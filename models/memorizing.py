@@ -333,6 +333,74 @@ class FeedForward(nn.Module):
         return self.net(x)
 
 
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The matmul dtype autocast would pick for ``t`` (its own dtype outside autocast)."""
+    dev = t.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return t.dtype
+
+
+class _SharedKVAttention(torch.autograd.Function):
+    """``softmax(q k^T + bias) v`` for multi-query attention (all query heads share one key/value head).
+
+    Returns the output and each row's log-sum-exp, both differentiable, so that memorizing layers can merge
+    retrieved memories into the same softmax. Heads are folded into the query axis (one bmm per batch
+    row against the shared keys) and only the bf16 probabilities are kept for backward. Unlike SDPA's
+    fused CPU kernel it also returns the gradient of ``bias`` (the T5 relative position bias is learned),
+    which otherwise sends SDPA to its slower unfused path.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor):
+        # q (b, h, n, d) pre-scaled; k, v (b, S, d); bias (1 or b, h, n, S) float with -inf where masked
+        b, h, n, d = q.shape
+        S = k.shape[1]
+        cdt = _compute_dtype(q)
+        with torch.autocast(q.device.type, enabled=False):
+            qc, kc, vc = q.reshape(b, h * n, d).to(cdt), k.to(cdt), v.to(cdt)
+            s = torch.bmm(qc, kc.transpose(1, 2)).view(b, h, n, S).float()  # (b, h, n, S)
+            s += bias
+            lse = torch.logsumexp(s, dim=-1, keepdim=True)  # (b, h, n, 1)
+            p = s.sub_(lse).exp_().to(cdt)  # (b, h, n, S)
+            o = torch.bmm(p.view(b, h * n, S), vc).view(b, h, n, d)  # (b, h, n, d)
+        ctx.save_for_backward(qc, kc, vc, p, o)
+        ctx.q_dtype, ctx.k_dtype, ctx.v_dtype = q.dtype, k.dtype, v.dtype
+        ctx.bias_shape, ctx.bias_dtype = bias.shape, bias.dtype
+        return o, lse.squeeze(-1)
+
+    @staticmethod
+    def backward(ctx: Any, do: Optional[torch.Tensor], dlse: Optional[torch.Tensor]):
+        qc, kc, vc, p, o = ctx.saved_tensors
+        b, h, n, d = o.shape
+        S = kc.shape[1]
+        cdt = p.dtype
+        with torch.autocast(o.device.type, enabled=False):
+            if do is None:
+                do = torch.zeros_like(o)
+            doc = do.to(cdt).reshape(b, h * n, d)
+            delta = (do.float() * o.float()).sum(-1, keepdim=True)  # (b, h, n, 1)
+            if dlse is not None:
+                delta = delta - dlse.float().unsqueeze(-1)
+            dp = torch.bmm(doc, vc.transpose(1, 2)).view(b, h, n, S).float()  # (b, h, n, S)
+            ds = dp.sub_(delta).mul_(p.float())  # (b, h, n, S) = p * (dp - delta)
+            dbias = None
+            if ctx.needs_input_grad[3]:
+                dbias = ds.sum(0, keepdim=True) if ctx.bias_shape[0] == 1 and b > 1 else ds.clone()
+                dbias = dbias.to(ctx.bias_dtype)
+            dsc = ds.to(cdt).view(b, h * n, S)
+            dq = torch.bmm(dsc, kc).view(b, h, n, d).to(ctx.q_dtype)
+            dk = torch.bmm(dsc.transpose(1, 2), qc).to(ctx.k_dtype)  # (b, S, d)
+            dv = torch.bmm(p.view(b, h * n, S).transpose(1, 2), doc).to(ctx.v_dtype)  # (b, S, d)
+        return dq, dk, dv, dbias
+
+
+def shared_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output (b, h, n, d), log-sum-exp (b, h, n)) of multi-query attention; see :class:`_SharedKVAttention`."""
+    return _SharedKVAttention.apply(q, k, v, bias)
+
+
 class Attention(nn.Module):
     """Multi-query causal attention (optionally over an XL memory); kNN attention when ``knn`` is set.
 
@@ -358,6 +426,7 @@ class Attention(nn.Module):
         bias: torch.Tensor,  # (1 or b, h, n, S): relative position bias + causal / invalid-XL masks (-inf)
         xl_kv: Optional[torch.Tensor] = None,  # (b, L, 2, d), S = L + n
         knn_memory: Optional[KNNMemory] = None,
+        reference: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         b, n, _ = x.shape
         h, d = self.heads, self.dim_head
@@ -371,40 +440,68 @@ class Attention(nn.Module):
             kv = torch.cat((xl_kv.to(kv.dtype), kv), dim=1)  # (b, S, 2, d)
         k, v = kv[:, :, 0], kv[:, :, 1]  # (b, S, d) each
         p = self.dropout if self.training else 0.0
+        # the fused path has no attention dropout; the reference path (plain autograd ops) has
+        reference = reference or p > 0
 
         if not self.knn:
-            out = F.scaled_dot_product_attention(
-                q, k.unsqueeze(1), v.unsqueeze(1), attn_mask=bias.to(q.dtype), dropout_p=p, enable_gqa=True
-            )  # (b, h, n, d)
+            q = q * self.dim_head**-0.5
+            if not reference and bias.requires_grad and torch.is_grad_enabled():
+                out, _ = shared_kv_attention(q, k, v, bias)
+            elif not reference:  # nothing needs the bias gradient: SDPA's fused kernel
+                out = F.scaled_dot_product_attention(
+                    q, k.unsqueeze(1), v.unsqueeze(1), attn_mask=bias.to(q.dtype), scale=1.0, enable_gqa=True
+                )  # (b, h, n, d)
+            else:
+                out = self._reference(q, k, v, bias, None, p)
         else:
-            out = self._knn_attention(q, k, v, bias, knn_memory, p)
+            q = q * self.scale.exp()  # learned temperature (h, 1, 1) of the cosine similarities
+            found = knn_memory.search(q, self.num_retrieved) if knn_memory is not None else None
+            out = self._reference(q, k, v, bias, found, p) if reference else self._merged(q, k, v, bias, found)
             if self.output_gate is not None:
                 out = out * self.output_gate.tanh()
         out = out.transpose(1, 2).reshape(b, n, h * d)  # (b, n, h*d)
         return self.to_out(out), new_kv
 
-    def _knn_attention(self, q, k, v, bias, knn_memory, p) -> torch.Tensor:
+    @staticmethod
+    def _memory_scores(q: torch.Tensor, found) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores of each query against its own retrieved keys: (b, h, n, k) float, and the values."""
+        b, h, n, d = q.shape
+        mem_kv = found.kv.to(_compute_dtype(q))  # (b, h, n, k, 2, d)
+        kk = mem_kv.shape[-3]
+        mem_k = mem_kv[..., 0, :].reshape(b * h * n, kk, d)  # strided views, no copies
+        mem_v = mem_kv[..., 1, :].reshape(b * h * n, kk, d)
+        sim = torch.bmm(mem_k, q.reshape(b * h * n, d, 1).to(mem_k.dtype)).view(b, h, n, kk).float()
+        return sim.masked_fill(~found.mask, float("-inf")), mem_v
+
+    def _merged(self, q, k, v, bias, found) -> torch.Tensor:
+        """Local attention via the fused function, retrieved memories merged into the same softmax."""
+        out, lse = shared_kv_attention(q, k, v, bias)  # (b, h, n, d), (b, h, n)
+        if found is None:
+            return out
+        b, h, n, d = q.shape
+        sim_mem, mem_v = self._memory_scores(q, found)  # (b, h, n, k)
+        # joint normaliser over [retrieved; local]; the local lse is finite, so no NaN on empty memories
+        total = torch.logsumexp(torch.cat((sim_mem, lse.unsqueeze(-1)), dim=-1), dim=-1)  # (b, h, n)
+        w_local = (lse - total).exp().unsqueeze(-1)  # (b, h, n, 1)
+        p_mem = (sim_mem - total.unsqueeze(-1)).exp()  # (b, h, n, k)
+        mem_out = torch.bmm(p_mem.reshape(b * h * n, 1, -1).to(mem_v.dtype), mem_v).view(b, h, n, d)
+        return out * w_local.to(out.dtype) + mem_out.to(out.dtype)
+
+    def _reference(self, q, k, v, bias, found, p: float) -> torch.Tensor:
+        """Plain autograd version (one softmax over [retrieved; local]), with attention dropout."""
         b, h, n, d = q.shape
         S = k.shape[1]
-        scale = self.scale.exp()  # (h, 1, 1)
-        # local scores: fold heads into the query axis, one bmm against the shared key head
-        sim = torch.bmm(q.reshape(b, h * n, d), k.transpose(1, 2)).view(b, h, n, S)  # (b, h, n, S)
-        sim = sim * scale + bias
-        if knn_memory is None:
-            attn = F.dropout(sim.float().softmax(dim=-1), p, self.training).to(v.dtype)
-            return torch.bmm(attn.view(b, h * n, S), v).view(b, h, n, d)
-        found = knn_memory.search(q, self.num_retrieved)  # kv (b, h, n, k, 2, d), mask (b, h, n, k)
-        mem_kv = found.kv.to(q.dtype)
-        mem_k, mem_v = mem_kv[..., 0, :], mem_kv[..., 1, :]  # (b, h, n, k, d) each
-        kk = mem_k.shape[-2]
-        sim_mem = torch.matmul(mem_k, q.unsqueeze(-1)).squeeze(-1) * scale  # (b, h, n, k)
-        sim_mem = sim_mem.masked_fill(~found.mask, float("-inf"))
-        attn = torch.cat((sim_mem.float(), sim.float()), dim=-1).softmax(dim=-1)  # (b, h, n, k + S)
-        attn = F.dropout(attn, p, self.training).to(v.dtype)
-        attn_mem, attn_local = attn[..., :kk], attn[..., kk:]
-        local = torch.bmm(attn_local.reshape(b, h * n, S), v).view(b, h, n, d)  # (b, h, n, d)
-        mem = torch.matmul(attn_mem.unsqueeze(-2), mem_v).squeeze(-2)  # (b, h, n, d)
-        return local + mem
+        sim = torch.bmm(q.reshape(b, h * n, d), k.transpose(1, 2).to(q.dtype)).view(b, h, n, S).float() + bias
+        if found is None:
+            attn = F.dropout(sim.softmax(dim=-1), p, self.training)
+            return torch.bmm(attn.view(b, h * n, S).to(v.dtype), v).view(b, h, n, d)
+        sim_mem, mem_v = self._memory_scores(q, found)
+        kk = sim_mem.shape[-1]
+        attn = torch.cat((sim_mem, sim), dim=-1).softmax(dim=-1)  # (b, h, n, k + S)
+        attn = F.dropout(attn, p, self.training)
+        local = torch.bmm(attn[..., kk:].reshape(b, h * n, S).to(v.dtype), v).view(b, h, n, d)
+        mem = torch.bmm(attn[..., :kk].reshape(b * h * n, 1, kk).to(mem_v.dtype), mem_v).view(b, h, n, d)
+        return local + mem.to(local.dtype)
 
 
 # ---------------------------------------------------------------------------------------------- model
