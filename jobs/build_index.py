@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from pipelines.config import config_to_dict, fail, option, parse_config
 
-ALL_STAGES = ("tokenize",)
+ALL_STAGES = ("tokenize", "embed")
 DEMO_OUT = "./artifacts/demo"
 
 
@@ -48,6 +48,16 @@ class BuildConfig:
     unit_mb: float = option(0.0, "input MiB per tokenize work unit (and per output part); 0 = automatic (1-64 MiB)")
     max_bad_fraction: float = option(0.01, "exit non-zero when more than this fraction of the documents is quarantined")
     concurrency: int = option(0, "parallel workers per stage; 0 = every CPU of the Ray cluster")
+    encoder: str = option("packaged:all-MiniLM-L6-v2", "chunk encoder: the packaged all-MiniLM-L6-v2, a Hugging Face name, "
+                                                        "or a local path (read offline here)")
+    pooling: str = option("mean", "embedding pooling: 'mean' over non-pad tokens after [CLS] (RETRO's default) or 'cls'")
+    embedding_dtype: str = option("float16", "stored embedding dtype: float16 or float32")
+    compute_dtype: str = option("auto", "encoder compute dtype: auto (bfloat16 on CPUs with bf16 units and on GPUs), "
+                                        "float32, bfloat16, float16")
+    embed_batch_size: int = option(256, "chunks per encoder forward pass")
+    cpus_per_worker: float = option(1.0, "CPUs (and torch threads) per embed worker")
+    gpus_per_worker: float = option(0.0, "GPUs per embed worker; > 0 runs the encoder on CUDA")
+    allow_tokenizer_mismatch: bool = option(False, "embed even if the encoder's tokenizer differs from the chunks' tokenizer")
     ray_address: str = option("", "Ray cluster address; default: RAY_ADDRESS, else a local instance on 127.0.0.1")
     num_cpus: int = option(0, "CPUs for a local Ray instance; 0 = all of this machine's")
 
@@ -60,6 +70,14 @@ class BuildConfig:
             raise ValueError(f"--max-bad-fraction must be in [0, 1], got {self.max_bad_fraction}")
         if self.unit_mb < 0 or self.concurrency < 0 or self.num_cpus < 0:
             raise ValueError("--unit-mb, --concurrency and --num-cpus must not be negative")
+        if self.pooling not in ("mean", "cls"):
+            raise ValueError(f"--pooling must be mean or cls, got {self.pooling!r}")
+        if self.embedding_dtype not in ("float16", "float32"):
+            raise ValueError(f"--embedding-dtype must be float16 or float32, got {self.embedding_dtype!r}")
+        if self.compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"--compute-dtype must be auto, float32, bfloat16 or float16, got {self.compute_dtype!r}")
+        if self.embed_batch_size <= 0 or self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
+            raise ValueError("--embed-batch-size and --cpus-per-worker must be positive, --gpus-per-worker not negative")
         unknown = [s for s in self.stage_list if s not in ALL_STAGES]
         if unknown:
             raise ValueError(f"unknown stage(s) {', '.join(unknown)}; known: {', '.join(ALL_STAGES)}")

@@ -2,14 +2,36 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from pipelines.config import config_to_dict
 from pipelines.ray_session import cluster_cpus, init_ray
-from pipelines.storage import check_writable, open_location
+from pipelines.storage import Location, check_writable, open_location
 
 if TYPE_CHECKING:
     from jobs.build_index import BuildConfig
+
+
+def _tokenize(cfg: "BuildConfig", out: Location, corpus: list[str], concurrency: int):
+    from pipelines.tokenize import run_tokenize
+
+    return run_tokenize(corpus=corpus, out=out, chunk_size=cfg.chunk_size, seq_len=cfg.seq_len,
+                        text_field=cfg.text_field, tokenizer=cfg.tokenizer, unit_bytes=int(cfg.unit_mb * (1 << 20)),
+                        concurrency=concurrency, config={**config_to_dict(cfg), "corpus": corpus})
+
+
+def _embed(cfg: "BuildConfig", out: Location, corpus: list[str], concurrency: int):
+    from pipelines.embed import run_embed
+
+    workers = concurrency if cfg.gpus_per_worker == 0 else max(1, int(concurrency))
+    return run_embed(out=out, encoder=cfg.encoder, pooling=cfg.pooling, embedding_dtype=cfg.embedding_dtype,
+                     compute_dtype=cfg.compute_dtype, batch_size=cfg.embed_batch_size,
+                     concurrency=max(1, int(workers // cfg.cpus_per_worker)) if cfg.gpus_per_worker == 0 else workers,
+                     cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=cfg.gpus_per_worker,
+                     allow_tokenizer_mismatch=cfg.allow_tokenizer_mismatch, config=config_to_dict(cfg))
+
+
+STAGES: dict[str, Callable] = {"tokenize": _tokenize, "embed": _embed}
 
 
 def run_build(cfg: "BuildConfig") -> int:
@@ -27,15 +49,11 @@ def run_build(cfg: "BuildConfig") -> int:
     init_ray(cfg.ray_address or None, cfg.num_cpus or None)
     concurrency = cfg.concurrency or cluster_cpus()
     code = 0
-    if "tokenize" in stages:
-        from pipelines.tokenize import run_tokenize
-
-        summary = run_tokenize(corpus=corpus, out=out, chunk_size=cfg.chunk_size, seq_len=cfg.seq_len,
-                               text_field=cfg.text_field, tokenizer=cfg.tokenizer, unit_bytes=int(cfg.unit_mb * (1 << 20)),
-                               concurrency=concurrency, config={**config_to_dict(cfg), "corpus": corpus})
+    for name in stages:
+        summary = STAGES[name](cfg, out, corpus, concurrency)
         for line in summary.lines():
             print(line, flush=True)
-        if summary.bad_fraction > cfg.max_bad_fraction:
+        if name == "tokenize" and summary.bad_fraction > cfg.max_bad_fraction:
             print(f"error: {summary.quarantined} of {summary.documents_read} documents quarantined "
                   f"({summary.bad_fraction:.1%} > --max-bad-fraction {cfg.max_bad_fraction:.1%}); "
                   f"see {out.url_of('quarantine')}", file=sys.stderr)
