@@ -219,24 +219,31 @@ def retro_config(preset: str, **overrides: Any) -> RetroConfig:
 
 
 def rotary_cos_sin(positions: torch.Tensor, rot_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (n, rot_dim) for the given positions (n,), in float32 (cast by the user)."""
+    """cos and sign-folded sin tables (n, rot_dim) for positions (n,), float32 (cast by the user).
+
+    The sin table carries rotate-half's sign (-sin on the first half), so a rotation is
+    ``t * cos + swap_halves(t) * sin``: one roll instead of chunk, neg and cat.
+    """
     inv_freq = 1.0 / (base ** (torch.arange(0, rot_dim, 2, device=positions.device, dtype=torch.float32)
                                / rot_dim))  # (rot_dim/2,)
     freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (n, rot_dim/2)
-    freqs = torch.cat((freqs, freqs), dim=-1)  # (n, rot_dim)
-    return freqs.cos(), freqs.sin()
+    cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1)  # (n, rot_dim)
+    sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)  # (n, rot_dim)
+    return cos, sin
 
 
 def apply_rotary(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first rot_dim features of t (..., n, d) by position; the rest pass through."""
+    """Rotate the first rot_dim features of t (..., n, [extra dims,] d) by position; the rest pass through.
+
+    cos and sin are (n, rot_dim), or already shaped to broadcast against t[..., :rot_dim].
+    """
     rot_dim = cos.shape[-1]
     if rot_dim == 0:
         return t
-    cos, sin = cos.to(t.dtype), sin.to(t.dtype)  # (n, rot_dim)
-    t_rot, t_pass = t[..., :rot_dim], t[..., rot_dim:]  # (..., n, rot_dim), (..., n, d - rot_dim)
-    x1, x2 = t_rot.chunk(2, dim=-1)  # (..., n, rot_dim/2) each
-    rotated = torch.cat((-x2, x1), dim=-1)  # (..., n, rot_dim)
-    return torch.cat((t_rot * cos + rotated * sin, t_pass), dim=-1)  # (..., n, d)
+    cos, sin = cos.to(t.dtype), sin.to(t.dtype)
+    t_rot, t_pass = t[..., :rot_dim], t[..., rot_dim:]  # (..., rot_dim), (..., d - rot_dim)
+    rotated = t_rot * cos + t_rot.roll(rot_dim // 2, dims=-1) * sin  # (..., rot_dim)
+    return torch.cat((rotated, t_pass), dim=-1)  # (..., d)
 
 
 class Residual(nn.Module):
@@ -285,8 +292,10 @@ class SelfAttention(nn.Module):
         # x: (B, n, dim); cos, sin: (n, rot); key_mask: (B, n) bool, True = attend
         B, n, _ = x.shape
         qkv = self.to_qkv(x).view(B, n, 3, self.heads, self.dim_head)  # (B, n, 3, h, dh)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, n, dh) each
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # rotate q and k together (one set of kernels): tables broadcast over the (q|k, head) dims
+        qk = apply_rotary(qkv[:, :, :2], cos[:, None, None], sin[:, None, None])  # (B, n, 2, h, dh)
+        q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, n, dh) each
+        v = qkv[:, :, 2].transpose(1, 2)  # (B, h, n, dh)
         if self.causal and key_mask is not None:
             raise ValueError("causal self-attention takes no key mask (pads only ever follow real tokens)")
         mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, n)
@@ -366,7 +375,7 @@ class EncodedNeighbors:
     """The encoder's output, laid out for CCA (chunks in the batch dimension, neighbors concatenated)."""
 
     hidden: torch.Tensor  # (b*R, k*L, dec_dim)
-    key_mask: torch.Tensor  # (b*R, k*L) bool, True = real token
+    key_mask: Optional[torch.Tensor]  # (b*R, k*L) bool, True = real token; None when nothing is padded
     q_rot: tuple[torch.Tensor, torch.Tensor]  # 2 x (c, rot): query positions c-1 .. 2c-2 within chunk j
     k_rot: tuple[torch.Tensor, torch.Tensor]  # 2 x (k*L, rot): positions 0..L-1 inside each neighbor
     num_chunks: int  # R
@@ -507,8 +516,9 @@ class RETRO(nn.Module):
         c, device = self.chunk_size, retrieved.device
         tokens = retrieved.reshape(b * R * k, L)  # (b*R*k, L)
         real = tokens != self.pad_id  # (b*R*k, L)
+        all_real = bool(real.all())  # no padding anywhere: run attention unmasked (faster kernels)
         # an all-padding neighbor (fewer than k found) attends over its pads rather than over nothing (NaN)
-        self_mask = real | ~real.any(dim=-1, keepdim=True)  # (b*R*k, L)
+        self_mask = None if all_real else real | ~real.any(dim=-1, keepdim=True)  # (b*R*k, L)
         h = self.token_emb(tokens)  # (b*R*k, L, enc_dim)
         context = self.ctx_norm(chunk_hidden).reshape(b * R, c, -1)  # (b*R, c, dec_dim)
         nb_rot = self._rot(torch.arange(L, device=device))  # 2 x (L, rot)
@@ -525,7 +535,8 @@ class RETRO(nn.Module):
         # CCA queries of attending chunk j sit at offsets c-1 .. 2c-2 from the start of chunk j, so a query
         # and the neighbor token aligned with it (neighbor i ~ chunk token i, continuation ~ next chunk) are close
         q_rot = self._rot(torch.arange(c - 1, 2 * c - 1, device=device))  # 2 x (c, rot)
-        return EncodedNeighbors(hidden=h.reshape(b * R, k * L, -1), key_mask=real.reshape(b * R, k * L),
+        return EncodedNeighbors(hidden=h.reshape(b * R, k * L, -1),
+                                key_mask=None if all_real else real.reshape(b * R, k * L),
                                 q_rot=q_rot, k_rot=grouped_rot, num_chunks=R)
 
     def hidden_states(self, seq: torch.Tensor, retrieved: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -566,8 +577,8 @@ class RETRO(nn.Module):
             return logits
         if labels.shape != seq.shape:
             raise ValueError(f"labels {tuple(labels.shape)} must match the inputs {tuple(seq.shape)}")
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                               ignore_index=self.pad_id)
+        # under autocast, cross_entropy runs in float32 by itself
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=self.pad_id)
 
     @torch.no_grad()
     def next_token_logits(self, prefix: torch.Tensor, retrieved: Optional[torch.Tensor] = None) -> torch.Tensor:
