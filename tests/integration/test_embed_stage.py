@@ -52,9 +52,15 @@ def small_build(tmp_path_factory, plays):
     corpus = d / "corpus"
     corpus.mkdir()
     for p in plays[:4]:
-        (corpus / p.name).write_text(p.read_text()[:30_000])
-    tokenize(corpus, d / "build")
+        (corpus / p.name).write_text(p.read_text()[:20_000])
+    tokenize(corpus, d / "build", unit_bytes=20_000)
+    embed(d / "build")
     return d
+
+
+def copy_without_embeddings(small_build, dest):
+    shutil.copytree(small_build / "build", dest, ignore=shutil.ignore_patterns("embeddings"))
+    return dest
 
 
 def reference_fp32(tokens: np.ndarray) -> np.ndarray:
@@ -72,10 +78,10 @@ def reference_fp32(tokens: np.ndarray) -> np.ndarray:
 
 def test_embeddings_match_float32_reference_and_layout(small_build):
     out = small_build / "build"
-    s = embed(out)
     ids, vecs = load_embeddings(out)
+    s = read_manifest(open_location(str(out)), "embeddings")["totals"]
     chunks = read_manifest(open_location(str(out)), "chunks")
-    assert s.chunks == len(ids) == chunks["totals"]["chunks"] and vecs.dtype == np.float16 and vecs.shape[1] == 384
+    assert s["chunks"] == len(ids) == chunks["totals"]["chunks"] and vecs.dtype == np.float16 and vecs.shape[1] == 384
     assert (ids == np.arange(len(ids))).all()
     m = read_manifest(open_location(str(out)), "embeddings")
     assert m["dim"] == 384 and m["pooling"] == "mean" and m["tokenizer"]["fingerprint"] == chunks["tokenizer"]["fingerprint"]
@@ -96,9 +102,7 @@ def test_embeddings_match_float32_reference_and_layout(small_build):
 
 
 def test_cls_pooling_differs_and_float32_option(small_build, tmp_path):
-    out = tmp_path / "b"
-    shutil.copytree(small_build / "build", out)
-    shutil.rmtree(out / "embeddings", ignore_errors=True)
+    out = copy_without_embeddings(small_build, tmp_path / "b")
     embed(out, pooling="cls", embedding_dtype="float32", compute_dtype="float32")
     _, cls_vecs = load_embeddings(out)
     assert cls_vecs.dtype == np.float32
@@ -127,7 +131,7 @@ def test_tokenizer_mismatch_is_refused(small_build, tmp_path):
 def test_damaged_and_missing_parts_are_recomputed_only(small_build, tmp_path):
     out = tmp_path / "r"
     shutil.copytree(small_build / "build", out)
-    first = embed(out)
+    total = read_manifest(open_location(str(out)), "embeddings")["totals"]["chunks"]
     parts = sorted((out / "embeddings").glob("part-*.npy"))
     assert len(parts) >= 3
     before = {p.name: p.read_bytes() for p in parts}
@@ -135,17 +139,15 @@ def test_damaged_and_missing_parts_are_recomputed_only(small_build, tmp_path):
     parts[0].unlink()
     parts[1].write_bytes(before[parts[1].name][:-100])
     s = embed(out)
-    assert 0 < s.embedded_now < first.chunks
+    assert 0 < s.embedded_now < total
     assert {p.name: p.read_bytes() for p in sorted((out / "embeddings").glob("part-*.npy"))} == before
     assert parts[2].stat().st_mtime == untouched_mtime
 
 
 def test_killed_embed_resumes(small_build, tmp_path):
-    out = tmp_path / "k"
-    shutil.copytree(small_build / "build", out)
-    shutil.rmtree(out / "embeddings", ignore_errors=True)
+    out = copy_without_embeddings(small_build, tmp_path / "k")
     args = [sys.executable, "-m", "jobs.build_index", "--out", str(out), "--stages", "embed", "--num-cpus", "2",
-            "--embed-batch-size", "16"]
+            "--embed-batch-size", "64"]
     proc = subprocess.Popen(args, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
@@ -156,14 +158,10 @@ def test_killed_embed_resumes(small_build, tmp_path):
     done_before = len(list(out.glob("embeddings/_parts/*/part-*.json")))
     assert done_before >= 1 and not (out / "embeddings" / "_manifest.json").exists()
     total = read_manifest(open_location(str(out)), "chunks")["totals"]["chunks"]
-    s = embed(out, batch_size=16)
+    s = embed(out)
     assert s.embedded_now < total and s.chunks == total
     ids, vecs = load_embeddings(out)
-    clean = tmp_path / "clean"
-    shutil.copytree(small_build / "build", clean)
-    shutil.rmtree(clean / "embeddings", ignore_errors=True)
-    embed(clean, batch_size=16)
-    ids2, vecs2 = load_embeddings(clean)
+    ids2, vecs2 = load_embeddings(small_build / "build")  # an uninterrupted run with the same settings
     assert (ids == ids2).all() and np.array_equal(vecs, vecs2)
 
 
@@ -173,8 +171,6 @@ def test_s3_round_trip(small_build, s3_server):
     fs = s3fs.S3FileSystem()
     fs.mkdir("embed-bucket")
     local = small_build / "build"
-    if not (local / "embeddings" / "_manifest.json").exists():
-        embed(local)
     fs.put(str(local / "chunks"), "embed-bucket/build/chunks", recursive=True)
     s = embed("s3://embed-bucket/build")
     assert s.chunks > 0
