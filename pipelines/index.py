@@ -1,0 +1,447 @@
+"""The index stage: ``embeddings/`` -> ``index/vNNNN/`` (faiss files, ``index_infos.json``, manifest).
+
+Choosing the index. autofaiss picks the index family that fits ``max_index_memory``; we ask it
+for memory-mappable keys (IVF lists map from disk, so every neighbors worker on a node shares one
+copy, and so does the training job). Two departures from autofaiss' defaults, both for the
+neighbors workload (every chunk queried once, in big batches):
+- the number of IVF lists is about sqrt(N), where the coarse assignment and the list scans cost
+  about the same; autofaiss' 4-16 sqrt(N) is tuned for single-query latency at large N and makes
+  k-means training the slowest step at small N;
+- search parameters (nprobe / efSearch) are tuned on a uniform sample against exact search, for
+  the smallest value whose *filtered* neighbor recall@k reaches ``target_recall`` within
+  ``max_query_ms`` per query. autofaiss maximises recall under the latency bound instead, which
+  gave the seed efSearch in the thousands and 80-90 s of neighbor search on 18k chunks.
+Below ``FLAT_MAX_VECTORS`` an exact flat index is cheapest. ``index_key`` overrides the choice.
+
+Two build paths:
+- single node (N <= ``single_node_max_vectors``): autofaiss builds in-process, reading the
+  embeddings folder with embedding-reader; training (when the key needs it) uses a uniform sample
+  across all parts, not autofaiss' first-N rows (chunk order follows documents, so those are biased);
+- distributed (above the threshold, or ``distributed=True``): :mod:`pipelines.index_distributed`.
+
+Ground truth for the recall sample is computed part by part (in-process on the single-node path,
+as Ray tasks on the distributed one). The version is published only after it validates (ntotal
+equals the chunk count); ``LATEST`` is written by the neighbors stage once neighbors exist too.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import ray
+
+from pipelines.embeddings_io import (
+    DocBounds, EmbeddingPart, EmbeddingsInfo, NpyPart, gather_rows, load_embeddings_info, part_rel, uniform_sample,
+)
+from pipelines.knn_core import TIE_CANDIDATES, empty_topk, exact_block, ivf_of, merge_topk, recall_at_k, search_neighbors
+from pipelines.latest import (
+    file_entry, file_is_valid, find_complete, fingerprint_of, put_file, start_version,
+)
+from pipelines.manifest import read_manifest, write_manifest
+from pipelines.storage import Location, open_location, remove_tree, write_bytes_atomic
+
+FLAT_MAX_VECTORS = 4096  # below this, exact search over everything costs less than training anything
+FLAT_COMPARE_MAX = 262_144  # up to this, the single-node build also times exact search against the tuned index
+FLAT_PROBE_QUERIES = 200
+TRAIN_POINTS_PER_LIST = 50  # k-means needs >= 39 per centroid (faiss warns below)
+PQ_TRAIN_POINTS = 256 * 40  # 8-bit product quantizers: 256 centroids per sub-space
+EXACT_BLOCK_ROWS = 8192
+METRICS = ("l2", "ip")
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """Everything that shapes the index version (and so its fingerprint)."""
+
+    index_key: str = ""
+    max_index_memory: str = "4G"
+    max_query_ms: float = 10.0
+    metric: str = "l2"
+    k: int = 2
+    extra_neighbors: int = 10
+    target_recall: float = 0.97
+    recall_sample: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise ValueError(f"--metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
+        if self.k < 1 or self.extra_neighbors < 0:
+            raise ValueError(f"--k must be >= 1 and --extra-neighbors >= 0, got {self.k} and {self.extra_neighbors}")
+        if self.max_query_ms <= 0 or not 0 < self.target_recall <= 1 or self.recall_sample < 1:
+            raise ValueError("--max-query-ms must be > 0, target recall in (0, 1], recall sample >= 1")
+        memory_bytes(self.max_index_memory)
+
+
+def memory_bytes(text: str) -> int:
+    """'4G', '512M', '100m', '1.5T' or a plain byte count."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgGtT]?)[bB]?\s*", str(text))
+    if not m:
+        raise ValueError(f"--max-index-memory must look like 4G, 512M or a byte count, got {text!r}")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
+
+
+def batched_nlist(n: int) -> int:
+    """Power of two near sqrt(n): balances coarse assignment and list scans for batched queries."""
+    return int(min(1 << 18, max(16, 2 ** round(math.log2(math.sqrt(max(n, 1)))))))
+
+
+def choose_index_key(n: int, dim: int, max_index_memory: str) -> str:
+    """autofaiss' memory-mappable choice within the memory bound, with sqrt(N) lists (see module doc)."""
+    if n <= FLAT_MAX_VECTORS:
+        return "Flat"
+    from autofaiss.external.optimize import get_optimal_index_keys_v2
+
+    keys = get_optimal_index_keys_v2(n, dim, max_index_memory, should_be_memory_mappable=True)
+    if not keys:
+        raise ValueError(f"no index of {n} vectors of dim {dim} fits --max-index-memory {max_index_memory}")
+    key = keys[0]
+    nlist = batched_nlist(n)
+    quantizer = "_HNSW32" if nlist >= 1 << 14 else ""
+    return re.sub(r"IVF\d+(_HNSW\d+)?", f"IVF{nlist}{quantizer}", key, count=1)
+
+
+def flat_may_compete(info: "EmbeddingsInfo", max_index_memory: str) -> bool:
+    """Small enough that exact search might beat the tuned approximate index (both fit memory)."""
+    return info.n <= FLAT_COMPARE_MAX and info.n * info.dim * 4 <= memory_bytes(max_index_memory)
+
+
+def train_size(n: int, key: str) -> int:
+    """How many vectors the key needs to train: k-means points per list, PQ codebook points."""
+    nlist = 0
+    if m := re.search(r"IVF(\d+)", key):
+        nlist = int(m.group(1))
+    elif m := re.search(r"IMI(\d+)x(\d+)", key):
+        nlist = 2 ** int(m.group(2))
+    need = nlist * TRAIN_POINTS_PER_LIST
+    if re.search(r"PQ\d+", key):
+        need = max(need, PQ_TRAIN_POINTS)
+    return int(min(n, max(need, 1)))
+
+
+def faiss_metric(metric: str) -> int:
+    import faiss
+
+    return faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+
+
+def check_index_key(key: str, dim: int, metric: str) -> None:
+    import faiss
+
+    try:
+        faiss.index_factory(dim, key, faiss_metric(metric))
+    except RuntimeError as e:
+        raise ValueError(f"--index-key {key!r} is not a valid faiss index factory string: {str(e).splitlines()[0]}") from None
+
+
+# ----------------------------------------------------------------------------- ground truth and tuning
+
+
+@dataclass
+class RecallSample:
+    """A uniform query sample with its exact neighbors (raw: only self excluded; filtered: the neighbor rule)."""
+
+    ids: np.ndarray
+    queries: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    raw: tuple[np.ndarray, np.ndarray]
+    filtered: tuple[np.ndarray, np.ndarray]
+
+    def subset(self, n: int) -> "RecallSample":
+        """n evenly spaced rows (the ids are sorted, so a prefix would favour the first documents)."""
+        i = np.unique(np.linspace(0, len(self.ids) - 1, min(n, len(self.ids))).astype(np.int64))
+        return RecallSample(self.ids[i], self.queries[i], self.lo[i], self.hi[i], (self.raw[0][i], self.raw[1][i]),
+                            (self.filtered[0][i], self.filtered[1][i]))
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        np.savez(buf, ids=self.ids, lo=self.lo, hi=self.hi, raw_ids=self.raw[0], raw_scores=self.raw[1],
+                 filtered_ids=self.filtered[0], filtered_scores=self.filtered[1])
+        return buf.getvalue()
+
+
+def exact_part(out: Location, part: EmbeddingPart, queries: np.ndarray, query_ids: np.ndarray, lo: np.ndarray,
+               hi: np.ndarray, m: int, metric: str) -> tuple[tuple, tuple]:
+    """Exact raw and filtered top-m of the sample within one embeddings part, block by block."""
+    raw, filt = empty_topk(len(query_ids), m), empty_topk(len(query_ids), m)
+    for start, block in NpyPart(out, part_rel(part)).blocks(EXACT_BLOCK_ROWS):
+        ids = np.arange(part.offset + start, part.offset + start + len(block), dtype=np.int64)
+        r, f = exact_block(queries, query_ids, lo, hi, block, ids, m, metric)
+        raw, filt = merge_topk(raw, r, m), merge_topk(filt, f, m)
+    return raw, filt
+
+
+@ray.remote(num_cpus=1)
+def exact_part_task(out_url: str, part: dict, queries, query_ids, lo, hi, m: int, metric: str):
+    return exact_part(open_location(out_url), EmbeddingPart.from_dict(part), queries, query_ids, lo, hi, m, metric)
+
+
+def compute_recall_sample(out: Location, info: EmbeddingsInfo, bounds: DocBounds, settings: IndexSettings, seed: str,
+                  *, use_ray: bool, concurrency: int) -> RecallSample:
+    """Sample chunk ids uniformly and compute their exact neighbors over every part."""
+    ids = uniform_sample(info.n, settings.recall_sample, f"recall:{seed}")
+    queries = gather_rows(out, info, ids)
+    lo, hi = bounds.range_of(ids)
+    m = settings.k + TIE_CANDIDATES
+    raw, filt = empty_topk(len(ids), m), empty_topk(len(ids), m)
+    if not use_ray:
+        for part in info.parts:
+            r, f = exact_part(out, part, queries, ids, lo, hi, m, settings.metric)
+            raw, filt = merge_topk(raw, r, m), merge_topk(filt, f, m)
+        return RecallSample(ids, queries, lo, hi, raw, filt)
+    refs = [ray.put(a) for a in (queries, ids, lo, hi)]
+    pending = [p.to_dict() for p in info.parts]
+    running: list = []
+    while pending or running:
+        while pending and len(running) < 2 * concurrency:
+            running.append(exact_part_task.remote(out.url, pending.pop(0), *refs, m, settings.metric))
+        done, running = ray.wait(running, num_returns=1)
+        r, f = ray.get(done[0])
+        raw, filt = merge_topk(raw, r, m), merge_topk(filt, f, m)
+    return RecallSample(ids, queries, lo, hi, raw, filt)
+
+
+def search_candidates(index, key: str) -> list[str]:
+    """Search-parameter strings to try, cheapest first ("" = nothing to tune)."""
+    ivf = ivf_of(index)
+    if ivf is not None:
+        values = [p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096) if p < ivf.nlist] + [min(ivf.nlist, 4096)]
+        quantizer = "_HNSW" in key
+        return [f"nprobe={p}" + (f",quantizer_efSearch={max(32, 2 * p)}" if quantizer else "") for p in sorted(set(values))]
+    if "HNSW" in key:
+        return [f"efSearch={e}" for e in (16, 32, 64, 128, 256, 512, 1024, 2048)]
+    return [""]
+
+
+def evaluate(index, sample: RecallSample, settings: IndexSettings) -> dict:
+    """Filtered neighbor recall@k, raw index recall@k and ms per query at the current parameters."""
+    t = time.perf_counter()
+    found, _, short = search_neighbors(index, sample.queries, sample.ids, sample.lo, sample.hi, k=settings.k,
+                                       extra=settings.extra_neighbors, metric=settings.metric)
+    ms = (time.perf_counter() - t) * 1000 / len(sample.ids)
+    fetch = min(settings.k + 1, int(index.ntotal))
+    _, cand = index.search(sample.queries, fetch)
+    no_doc = np.zeros(len(sample.ids), np.int64)
+    from pipelines.knn_core import filter_candidates
+
+    raw_found, _, _ = filter_candidates(cand, np.zeros(cand.shape, np.float32), sample.ids, no_doc, no_doc,
+                                        settings.k, settings.metric)
+    return {"neighbor_recall": recall_at_k(found, *sample.filtered, settings.k),
+            "recall": recall_at_k(raw_found, *sample.raw, settings.k), "ms_per_query": ms,
+            "short_rows": int(short.sum())}
+
+
+def tune(index, key: str, sample: RecallSample, settings: IndexSettings) -> tuple[str, dict, list[dict]]:
+    """The cheapest parameters reaching ``target_recall`` within ``max_query_ms`` (else the best
+    recall within the bound); returns (param string, its evaluation, every evaluation tried)."""
+    import faiss
+
+    tried: list[dict] = []
+    chosen = None
+    for param in search_candidates(index, key):
+        if param:
+            faiss.ParameterSpace().set_index_parameters(index, param)
+        ev = {"index_param": param, **evaluate(index, sample, settings)}
+        tried.append(ev)
+        within = ev["ms_per_query"] <= settings.max_query_ms
+        if within and (chosen is None or ev["neighbor_recall"] > chosen["neighbor_recall"]):
+            chosen = ev
+        if ev["neighbor_recall"] >= settings.target_recall or not within:
+            break
+    chosen = chosen or tried[0]
+    if chosen["index_param"]:
+        faiss.ParameterSpace().set_index_parameters(index, chosen["index_param"])
+    return chosen["index_param"], chosen, tried
+
+
+# ----------------------------------------------------------------------------- single-node build
+
+
+def build_single_node(out: Location, info: EmbeddingsInfo, key: str, metric: str, seed: str):
+    """autofaiss builds the index in-process from the embeddings folder (embedding-reader)."""
+    from autofaiss.indices.build import add_embeddings_to_index_local
+    from autofaiss.indices.training import create_empty_index
+    from embedding_reader import EmbeddingReader
+
+    reader = EmbeddingReader(out.url_of("embeddings"), file_format="npy")
+    if int(reader.count) != info.n or int(reader.dimension) != info.dim:
+        raise ValueError(f"{out.url_of('embeddings')} holds {reader.count} rows of dim {reader.dimension} in .npy "
+                         f"files, but its manifest lists {info.n} of dim {info.dim}: stray files in the folder?")
+    index = create_empty_index(info.dim, key, metric)
+    if not index.is_trained:
+        sample = uniform_sample(info.n, train_size(info.n, key), f"train:{seed}")
+        index.train(gather_rows(out, info, sample))
+    index, _ = add_embeddings_to_index_local(reader, index, memory_available_for_adding="1G",
+                                             embedding_ids_df_handler=None, index_optimizer=None,
+                                             add_embeddings_with_ids=False)
+    return index
+
+
+def write_index_file(out: Location, rel: str, index) -> None:
+    """Commit a faiss index at ``rel`` (temporary name + rename locally, one upload remotely)."""
+    import faiss
+    import tempfile
+
+    if out.is_local:
+        final = out.path(rel)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        tmp = f"{final}.tmp-{uuid.uuid4().hex}"
+        faiss.write_index(index, tmp)
+        os.replace(tmp, final)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        local = os.path.join(d, "index")
+        faiss.write_index(index, local)
+        put_file(out, rel, local)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+@dataclass
+class IndexSummary:
+    version: str
+    index_key: str
+    index_param: str
+    mode: str
+    layout: str
+    chunks: int
+    ntotal: int
+    size_bytes: int
+    recall_at_k: float
+    neighbor_recall_at_k: float
+    query_ms: float
+    k: int
+    seconds: float
+    build_seconds: float = 0.0
+    tune_seconds: float = 0.0
+    up_to_date: bool = False
+    tried: list = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        if self.up_to_date:
+            return [f"index: up to date ({self.version}: {self.index_key} {self.index_param}, {self.ntotal} vectors); "
+                    "nothing to do"]
+        return [
+            f"index: {self.version} {self.index_key} ({self.mode} build, {self.layout}), {self.ntotal} of "
+            f"{self.chunks} chunks, {self.size_bytes / 2**20:.1f} MiB, built in {self.build_seconds:.1f} s",
+            f"index: search {self.index_param or 'exact'}: recall@{self.k} {self.recall_at_k:.3f} (index), "
+            f"{self.neighbor_recall_at_k:.3f} (neighbors, own document excluded) vs exact search, "
+            f"{self.query_ms:.3f} ms/query; tuned in {self.tune_seconds:.1f} s; total {self.seconds:.1f} s",
+        ]
+
+
+def _summary_from_manifest(m: dict, version: str) -> IndexSummary:
+    return IndexSummary(version, m["index_key"], m.get("index_param", ""), m["mode"], m["layout"], m["totals"]["chunks"],
+                        m["totals"]["ntotal"], m["totals"]["size_bytes"], m["recall_at_k"], m["neighbor_recall_at_k"],
+                        m["query_ms"], m["k"], 0.0, up_to_date=True)
+
+
+def index_fingerprint(info: EmbeddingsInfo, bounds: DocBounds, settings: IndexSettings, key: str, mode: str) -> str:
+    return fingerprint_of({"embeddings": info.fingerprint, "docs": bounds.fingerprint, "settings": asdict(settings),
+                           "key": key, "mode": mode})
+
+
+def run_index(*, out: Location, index_key: str = "", max_index_memory: str = "4G", max_query_ms: float = 10.0,
+              metric: str = "l2", single_node_max_vectors: int = 2_000_000, distributed: bool = False, k: int = 2,
+              extra_neighbors: int = 10, target_recall: float = 0.97, recall_sample: int = 1000,
+              concurrency: int = 0, config: dict | None = None) -> IndexSummary:
+    """Build, evaluate and commit one index version (or find the one these inputs already made)."""
+    start = time.perf_counter()
+    settings = IndexSettings(index_key, max_index_memory, max_query_ms, metric, k, extra_neighbors,
+                             target_recall, recall_sample)
+    info = load_embeddings_info(out)
+    bounds = DocBounds.load(out, info.n)
+    mode = "distributed" if distributed or info.n > single_node_max_vectors else "single"
+    key = index_key or choose_index_key(info.n, info.dim, max_index_memory)
+    check_index_key(key, info.dim, metric)
+    fp = index_fingerprint(info, bounds, settings, key, mode)
+
+    done = find_complete(out, "index", fp)
+    if done and all(file_is_valid(out, f"index/{done}", e) for e in read_manifest(out, f"index/{done}")["parts"]):
+        return _summary_from_manifest(read_manifest(out, f"index/{done}"), done)
+    version, _ = start_version(out, "index", fp)
+    folder = f"index/{version}"
+    concurrency = concurrency or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    print(f"index: building {folder} with {key} ({mode}) over {info.n} chunks of dim {info.dim}", flush=True)
+
+    t = time.perf_counter()
+    if mode == "single":
+        index = build_single_node(out, info, key, metric, fp)
+        build_seconds = time.perf_counter() - t
+        t = time.perf_counter()
+        sample = compute_recall_sample(out, info, bounds, settings, fp, use_ray=False, concurrency=concurrency)
+        param, chosen, tried = tune(index, key, sample, settings)
+        if not index_key and key != "Flat" and flat_may_compete(info, max_index_memory):
+            flat = build_single_node(out, info, "Flat", metric, fp)
+            ev = {"index_key": "Flat", "index_param": "", **evaluate(flat, sample.subset(FLAT_PROBE_QUERIES), settings)}
+            tried.append(ev)
+            if ev["ms_per_query"] <= chosen["ms_per_query"] or chosen["neighbor_recall"] < target_recall:
+                print(f"index: exact search ({ev['ms_per_query']:.3f} ms/query) is as cheap as {key} at "
+                      f"{param} ({chosen['ms_per_query']:.3f} ms/query): using Flat", flush=True)
+                index, key, param = flat, "Flat", ""
+                chosen = {"index_param": "", **evaluate(flat, sample, settings)}
+            del flat
+        tune_seconds = time.perf_counter() - t
+        layout, files, ntotal = "single", ["knn.index"], int(index.ntotal)
+        write_index_file(out, f"{folder}/knn.index", index)
+        del index
+    else:
+        from pipelines.index_distributed import build_distributed, tune_remote
+
+        layout, files, ntotal = build_distributed(out, info, folder, key, metric, fp, concurrency)
+        build_seconds = time.perf_counter() - t
+        t = time.perf_counter()
+        sample = compute_recall_sample(out, info, bounds, settings, fp, use_ray=True, concurrency=concurrency)
+        param, chosen, tried, ntotal = tune_remote(out, folder, layout, files, info.dim, key, sample, settings)
+        tune_seconds = time.perf_counter() - t
+    if ntotal != info.n:
+        raise RuntimeError(f"{out.url_of(folder)}: the index holds {ntotal} vectors but there are {info.n} chunks; "
+                           "not publishing it")
+
+    write_bytes_atomic(out, f"{folder}/recall_sample.npz", sample.to_bytes())
+    entries = [file_entry(out, f"{folder}/{f}", f) for f in files]
+    size = sum(e["bytes"] for e in entries)
+    infos = {
+        "index_key": key, "index_param": param, "metric": metric, "layout": layout, "index_files": files,
+        "mode": mode, "ntotal": ntotal, "dim": info.dim, "size_bytes": size, "k": k,
+        "recall_at_k": chosen["recall"], "neighbor_recall_at_k": chosen["neighbor_recall"],
+        "recall_sample": len(sample.ids), "query_ms": chosen["ms_per_query"], "max_query_ms": max_query_ms,
+        "target_recall": target_recall, "extra_neighbors": extra_neighbors, "tuning": tried,
+        "build_seconds": round(build_seconds, 3), "tune_seconds": round(tune_seconds, 3),
+        "faiss_version": _faiss_version(), "autofaiss_version": _autofaiss_version(),
+    }
+    write_bytes_atomic(out, f"{folder}/index_infos.json", json.dumps(infos, indent=2, sort_keys=True).encode())
+    entries += [file_entry(out, f"{folder}/{f}", f) for f in ("index_infos.json", "recall_sample.npz")]
+    remove_tree(out, f"{folder}/_build")
+    write_manifest(out, folder, stage="index", parts=entries,
+                   totals={"chunks": info.n, "ntotal": ntotal, "dim": info.dim, "size_bytes": size},
+                   config=config or {"settings": asdict(settings), "single_node_max_vectors": single_node_max_vectors,
+                                     "distributed": distributed},
+                   extra={"fingerprint": fp, "embeddings_fingerprint": info.fingerprint, "docs_fingerprint": bounds.fingerprint,
+                          "index_key": key, "index_param": param, "metric": metric, "layout": layout,
+                          "index_files": files, "mode": mode, "k": k, "extra_neighbors": extra_neighbors,
+                          "recall_at_k": chosen["recall"],
+                          "neighbor_recall_at_k": chosen["neighbor_recall"], "query_ms": chosen["ms_per_query"]})
+    return IndexSummary(version, key, param, mode, layout, info.n, ntotal, size, chosen["recall"],
+                        chosen["neighbor_recall"], chosen["ms_per_query"], k, time.perf_counter() - start,
+                        build_seconds, tune_seconds, tried=tried)
+
+
+def _faiss_version() -> str:
+    import faiss
+
+    return faiss.__version__
+
+
+def _autofaiss_version() -> str:
+    from autofaiss.version import __version__
+
+    return __version__

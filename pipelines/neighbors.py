@@ -1,0 +1,234 @@
+"""The neighbors stage: an index version + ``embeddings/`` -> ``neighbors/vNNNN/``, then ``LATEST``.
+
+For every chunk, its k nearest chunks under the index's metric, never itself and never from its
+own document (:func:`pipelines.knn_core.search_neighbors`; -1 pads when fewer exist). Work runs
+over embeddings parts (contiguous chunk id ranges) in Ray Data actors (``NeighborsWorker``) that
+load the index once, memory-mapped where the index allows, plus the documents' first chunk ids
+(8 bytes per document). Each part is committed as ``part-NNNNN.parquet`` with a sidecar entry
+in ``_parts/``; a killed run resumes with the parts whose sidecar still validates (size, sha256).
+
+Publishing: when every part validates (one row per chunk), the manifest is written, and only then
+``LATEST`` is replaced (atomically) to name this neighbors version and its index version.
+"""
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from pipelines.embeddings_io import DocBounds, EmbeddingPart, NpyPart, load_embeddings_info, part_rel, read_part_ids
+from pipelines.knn_core import recall_at_k, search_neighbors
+from pipelines.latest import (
+    LATEST, complete_versions, find_complete, fingerprint_of, latest_record, open_index, resolve_latest, start_version,
+    write_latest,
+)
+from pipelines.manifest import part_is_valid, part_name, read_manifest, write_manifest
+from pipelines.parquet_io import write_table
+from pipelines.storage import Location, exists, open_location, read_bytes, remove_stale_temporaries, write_bytes_atomic
+
+QUERY_BLOCK_ROWS = 8192
+
+
+def neighbors_schema() -> pa.Schema:
+    return pa.schema([("chunk_id", pa.int64()), ("neighbors", pa.list_(pa.int64())), ("distances", pa.list_(pa.float32()))])
+
+
+def neighbors_table(chunk_ids: np.ndarray, ids: np.ndarray, dist: np.ndarray) -> pa.Table:
+    n, k = ids.shape
+    offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
+    return pa.Table.from_arrays([pa.array(chunk_ids.astype(np.int64)),
+                                 pa.ListArray.from_arrays(offsets, pa.array(ids.reshape(-1).astype(np.int64))),
+                                 pa.ListArray.from_arrays(offsets, pa.array(dist.reshape(-1).astype(np.float32)))],
+                                schema=neighbors_schema())
+
+
+class NeighborsWorker:
+    """Ray Data actor: index and document bounds loaded once, then one embeddings part per call."""
+
+    def __init__(self, out_url: str, index_version: str, folder: str, k: int, extra: int,
+                 metric: str, threads: int, sample_ids: np.ndarray):
+        import faiss
+
+        faiss.omp_set_num_threads(max(1, threads))
+        self.out = open_location(out_url)
+        self.index = open_index(self.out, index_version, mmap=True)
+        self.bounds = DocBounds.load(self.out, int(self.index.ntotal))
+        self.folder, self.k, self.extra, self.metric = folder, k, extra, metric
+        self.sample_ids = np.asarray(sample_ids, dtype=np.int64)
+
+    def part(self, part: EmbeddingPart) -> dict:
+        name = part_name(part.index)
+        sidecar = f"{self.folder}/_parts/{name}.json"
+        if exists(self.out, sidecar):  # resume: keep a committed part that still validates
+            entry = json.loads(read_bytes(self.out, sidecar))
+            if part_is_valid(self.out, self.folder, entry) and entry["rows"] == part.rows:
+                return entry | {"kept": True}
+        chunk_ids = read_part_ids(self.out, part)
+        npy = NpyPart(self.out, part_rel(part))
+        ids = np.empty((part.rows, self.k), np.int64)
+        dist = np.empty((part.rows, self.k), np.float32)
+        short = np.zeros(part.rows, bool)
+        for start, block in npy.blocks(QUERY_BLOCK_ROWS):
+            q = chunk_ids[start:start + len(block)]
+            lo, hi = self.bounds.range_of(q)
+            sl = slice(start, start + len(block))
+            ids[sl], dist[sl], short[sl] = search_neighbors(self.index, block, q, lo, hi, k=self.k, extra=self.extra,
+                                                            metric=self.metric)
+        entry = write_table(self.out, f"{self.folder}/{name}", neighbors_table(chunk_ids, ids, dist))
+        entry = entry | {"path": name, "first_chunk_id": part.offset, "pad_rows": int((ids < 0).any(1).sum()),
+                         "short_rows": int(short.sum())}
+        write_bytes_atomic(self.out, sidecar, json.dumps(entry).encode())
+        return entry | {"kept": False}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = []
+        for text in batch["part"]:
+            part = EmbeddingPart.from_dict(json.loads(text))
+            rows.append(json.dumps(self.part(part)))
+        return {"entry": np.asarray(rows)}
+
+
+@dataclass
+class NeighborsSummary:
+    version: str
+    index_version: str
+    chunks: int
+    k: int
+    rows_with_pads: int
+    parts: int
+    parts_kept: int
+    recall_at_k: float | None
+    seconds: float
+    published: bool
+    up_to_date: bool = False
+
+    def lines(self) -> list[str]:
+        if self.up_to_date:
+            return [f"neighbors: up to date ({self.version} from index {self.index_version}, {self.chunks} chunks, "
+                    f"k={self.k}); LATEST {'updated' if self.published else 'unchanged'}"]
+        rate = self.chunks / self.seconds if self.seconds > 0 else 0.0
+        recall = "n/a" if self.recall_at_k is None else f"{self.recall_at_k:.3f}"
+        return [
+            f"neighbors: {self.version} from index {self.index_version}: {self.chunks} chunks in, {self.chunks} rows out "
+            f"(k={self.k}), {self.rows_with_pads} rows with -1 pads; {self.parts} parts "
+            f"({self.parts_kept} kept from an earlier run)",
+            f"neighbors: recall@{self.k} {recall} vs exact search on the index's sample; {self.seconds:.1f} s "
+            f"({rate:,.0f} chunks/s); LATEST -> index {self.index_version}, neighbors {self.version}",
+        ]
+
+
+def _newest_index_for(out: Location, embeddings_fp: str) -> str:
+    for v in reversed(complete_versions(out, "index")):
+        if read_manifest(out, f"index/{v}").get("embeddings_fingerprint") == embeddings_fp:
+            return v
+    raise FileNotFoundError(f"no complete index version under {out.url_of('index')} was built from the current "
+                            "embeddings: run the index stage first")
+
+
+def _sample_recall(out: Location, folder: str, index_folder: str, entries: list[dict], k: int) -> float | None:
+    """Recall of the written neighbors on the index version's exact-search sample."""
+    rel = f"{index_folder}/recall_sample.npz"
+    if not exists(out, rel):
+        return None
+    with np.load(io.BytesIO(read_bytes(out, rel))) as z:
+        ids, gt_ids, gt_scores = z["ids"], z["filtered_ids"], z["filtered_scores"]
+    if gt_ids.shape[1] < k:
+        return None
+    first = np.asarray([e["first_chunk_id"] for e in entries], dtype=np.int64)
+    owner = np.searchsorted(first, ids, side="right") - 1
+    found = np.empty((len(ids), k), np.int64)
+    from pipelines.parquet_io import read_table
+
+    for p in np.unique(owner).tolist():
+        t = read_table(out, f"{folder}/{entries[p]['path']}", columns=["neighbors"])
+        nb = t.column(0).combine_chunks().flatten().to_numpy().reshape(-1, k)
+        sel = owner == p
+        found[sel] = nb[ids[sel] - first[p]]
+    return recall_at_k(found, gt_ids, gt_scores, k)
+
+
+def _publish(out: Location, index_version: str, version: str, index_manifest: dict, k: int) -> bool:
+    """Point LATEST at (index_version, version); False when it already does."""
+    if exists(out, LATEST):
+        cur = resolve_latest(out)
+        if cur.get("index") == index_version and cur.get("neighbors") == version:
+            return False
+    write_latest(out, latest_record(index_version=index_version, neighbors_version=version,
+                                    index_manifest=index_manifest, k=k))
+    return True
+
+
+def _max_node_cpus() -> int:
+    return max([int(n["Resources"].get("CPU", 1)) for n in ray.nodes() if n.get("Alive")] or [1])
+
+
+def run_neighbors(*, out: Location, index_version: str | None = None, k: int = 2, extra_neighbors: int = 10,
+                  concurrency: int = 0, publish: bool = True,
+                  config: dict | None = None) -> NeighborsSummary:
+    """Compute (or resume, or find) the neighbors of every chunk and publish them with their index.
+
+    ``index_version`` defaults to the newest complete index built from the current embeddings;
+    pass the version :func:`pipelines.index.run_index` returned to pin it."""
+    start = time.perf_counter()
+    if k < 1 or extra_neighbors < 0:
+        raise ValueError(f"--k must be >= 1 and --extra-neighbors >= 0, got {k} and {extra_neighbors}")
+    info = load_embeddings_info(out, needed_by="the neighbors stage")
+    index_version = index_version or _newest_index_for(out, info.fingerprint)
+    index_folder = f"index/{index_version}"
+    im = read_manifest(out, index_folder)
+    if im is None:
+        raise FileNotFoundError(f"{out.url_of(index_folder)} is not a complete index version")
+    if im["embeddings_fingerprint"] != info.fingerprint or im["totals"]["ntotal"] != info.n:
+        raise ValueError(f"index {index_version} was built from other embeddings than {out.url_of('embeddings')}: "
+                         "rerun the index stage")
+    fp = fingerprint_of({"index": im["fingerprint"], "index_version": index_version, "k": k,
+                         "extra": extra_neighbors})
+
+    done = find_complete(out, "neighbors", fp)
+    if done:
+        m = read_manifest(out, f"neighbors/{done}")
+        if all(part_is_valid(out, f"neighbors/{done}", e) for e in m["parts"]):
+            published = _publish(out, index_version, done, im, k) if publish else False
+            return NeighborsSummary(done, index_version, info.n, k, m["totals"]["rows_with_pads"], len(m["parts"]),
+                                    len(m["parts"]), m.get("recall_at_k"), time.perf_counter() - start, published,
+                                    up_to_date=True)
+    version, _ = start_version(out, "neighbors", fp)
+    folder = f"neighbors/{version}"
+    remove_stale_temporaries(out, folder)
+
+    parts = list(info.parts)
+    n_actors = max(1, min(concurrency or int(ray.cluster_resources().get("CPU", 1)), len(parts)))
+    cpus = max(1, min(int(ray.cluster_resources().get("CPU", 1)) // n_actors, _max_node_cpus()))
+    with np.load(io.BytesIO(read_bytes(out, f"{index_folder}/recall_sample.npz"))) as z:
+        sample_ids = z["ids"]
+    ds = ray.data.from_items([{"part": json.dumps(p.to_dict())} for p in parts], override_num_blocks=len(parts))
+    rows = ds.map_batches(
+        NeighborsWorker, batch_size=1, num_cpus=cpus, compute=ray.data.ActorPoolStrategy(size=n_actors),
+        fn_constructor_kwargs={"out_url": out.url, "index_version": index_version, "folder": folder, "k": k,
+                               "extra": extra_neighbors, "metric": im["metric"],
+                               "threads": cpus, "sample_ids": sample_ids},
+    ).take_all()
+    entries = sorted((json.loads(r["entry"]) for r in rows), key=lambda e: e["first_chunk_id"])
+    kept = sum(1 for e in entries if e.pop("kept"))
+
+    # validate before publishing: one part per embeddings part, one row per chunk, all committed
+    if [e["first_chunk_id"] for e in entries] != [p.offset for p in parts] or \
+            [e["rows"] for e in entries] != [p.rows for p in parts] or \
+            not all(part_is_valid(out, folder, e) for e in entries):
+        raise RuntimeError(f"{out.url_of(folder)}: parts do not cover every chunk exactly once; not publishing")
+    pads = sum(e["pad_rows"] for e in entries)
+    recall = _sample_recall(out, folder, index_folder, entries, k)
+    write_manifest(out, folder, stage="neighbors", parts=entries,
+                   totals={"rows": info.n, "k": k, "rows_with_pads": pads,
+                           "rows_short_after_retries": sum(e["short_rows"] for e in entries)},
+                   config=config or {"k": k, "extra_neighbors": extra_neighbors},
+                   extra={"fingerprint": fp, "index_version": index_version, "metric": im["metric"],
+                          "recall_at_k": recall})
+    published = _publish(out, index_version, version, im, k) if publish else False
+    return NeighborsSummary(version, index_version, info.n, k, pads, len(parts), kept, recall,
+                            time.perf_counter() - start, published)
