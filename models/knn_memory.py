@@ -6,8 +6,8 @@ behind. So each row owns a bounded FIFO memory: when it is full, the oldest entr
 row's document ends, the row is emptied. Every entry a search returns must be one that is in the memory
 now (the seed's memory broke this once full: it reset its index and then returned wrong or no entries).
 
-Storage is a ring buffer per row: one ``kv`` tensor ``(rows, capacity, 2, dim)`` (key and value side by
-side, so a search fetches both with one gather) on the model's device and a per-row count of entries ever added since the row was last cleared. Entry ``i`` of a row
+Storage is a ring buffer per row: ``keys`` and ``values`` tensors ``(rows, capacity, dim)`` on the model's
+device (separate, so that searches scan contiguous keys and return contiguous tensors) and a per-row count of entries ever added since the row was last cleared. Entry ``i`` of a row
 (its id, counted from the last clear) lives in slot ``i % capacity``; the row holds ids
 ``[max(0, count - capacity), count)``, i.e. slots ``[0, min(count, capacity))``. Adding is a scatter
 (O(n)); eviction is implicit (the slot is overwritten).
@@ -69,6 +69,9 @@ class KNNMemoryConfig:
     nprobe: int = 8
     """IVF lists scanned per query: the speed/recall knob."""
 
+    min_candidates: int = 512
+    """Scan at least this many entries per query (raises ``nprobe`` while lists are small)."""
+
     train_points_per_list: int = 32
     """k-means sample size per list when (re)training the IVF quantizer."""
 
@@ -106,6 +109,8 @@ class KNNMemoryConfig:
             raise ValueError(f"nlist must be >= 1 or None, got {self.nlist}")
         if self.nprobe < 1:
             raise ValueError(f"nprobe must be >= 1, got {self.nprobe}")
+        if self.min_candidates < 0:
+            raise ValueError(f"min_candidates must be >= 0, got {self.min_candidates}")
         if self.train_points_per_list < 1 or self.train_iters < 1:
             raise ValueError("train_points_per_list and train_iters must be >= 1")
         if self.retrain_growth <= 1.0:
@@ -130,24 +135,17 @@ class KNNMemoryConfig:
 class KNNSearchResult:
     """What a search returns: the retrieved pairs and which of them are real."""
 
-    kv: torch.Tensor
-    """(rows, queries, k, 2, dim) retrieved (key, value) pairs, zero where ``mask`` is False."""
+    keys: torch.Tensor
+    """(rows, queries, k, dim) retrieved keys, zero where ``mask`` is False."""
+
+    values: torch.Tensor
+    """(rows, queries, k, dim) retrieved values, zero where ``mask`` is False."""
 
     mask: torch.Tensor
     """(rows, queries, k) bool: True where a live entry was found."""
 
     ids: torch.Tensor
     """(rows, queries, k) int64 entry ids (counted from the row's last clear), -1 where ``mask`` is False."""
-
-    @property
-    def keys(self) -> torch.Tensor:
-        """(rows, queries, k, dim) view of the retrieved keys."""
-        return self.kv[..., 0, :]
-
-    @property
-    def values(self) -> torch.Tensor:
-        """(rows, queries, k, dim) view of the retrieved values."""
-        return self.kv[..., 1, :]
 
 
 class _RowIndex:
@@ -169,6 +167,7 @@ class _RowIndex:
             index.train(train_keys)
             size_at_train = int(train_keys.shape[0])
         index.nprobe = min(cfg.nprobe, nlist)
+        self.nprobe, self.min_candidates = cfg.nprobe, cfg.min_candidates
         self.index = index
         self.quantizer = quantizer  # keep the quantizer alive as long as the index
         self.nlist = nlist
@@ -190,6 +189,8 @@ class _RowIndex:
             self.index.remove_ids(faiss.IDSelectorRange(0, int(first_live_id)))
 
     def search(self, queries: np.ndarray, k: int) -> np.ndarray:
+        mean_list = max(1.0, self.index.ntotal / self.nlist)
+        self.index.nprobe = int(min(self.nlist, max(self.nprobe, math.ceil(self.min_candidates / mean_list))))
         _, ids = self.index.search(queries, k)
         return ids  # (Q, k) int64, -1 where fewer found
 
@@ -214,7 +215,8 @@ class KNNMemory:
         self.num_rows = num_rows
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         dt = _DTYPES[config.storage_dtype]
-        self.kv = torch.zeros(num_rows, config.capacity, 2, config.dim, dtype=dt, device=self.device)  # (R, C, 2, d)
+        self.keys = torch.zeros(num_rows, config.capacity, config.dim, dtype=dt, device=self.device)  # (R, C, d)
+        self.values = torch.zeros(num_rows, config.capacity, config.dim, dtype=dt, device=self.device)  # (R, C, d)
         # entries ever added to each row since its last clear (host-side: no device syncs to read it)
         self.counts = np.zeros(num_rows, dtype=np.int64)  # (R,)
         self._indexes: list[Optional[_RowIndex]] = [None] * num_rows
@@ -223,16 +225,6 @@ class KNNMemory:
     @property
     def capacity(self) -> int:
         return self.config.capacity
-
-    @property
-    def keys(self) -> torch.Tensor:
-        """(R, C, d) view of the stored keys (slot order)."""
-        return self.kv[:, :, 0]
-
-    @property
-    def values(self) -> torch.Tensor:
-        """(R, C, d) view of the stored values (slot order)."""
-        return self.kv[:, :, 1]
 
     def sizes(self) -> np.ndarray:
         """(R,) live entries per row."""
@@ -277,7 +269,9 @@ class KNNMemory:
             self._indexes[r] = None
         # the buffers need no wiping (slots past a row's size are never read), but zero them so a
         # state_dict of a cleared row carries no stale data
-        self.kv.index_fill_(0, torch.as_tensor(idx, device=self.device), 0)
+        sel = torch.as_tensor(idx, device=self.device)
+        self.keys.index_fill_(0, sel, 0)
+        self.values.index_fill_(0, sel, 0)
 
     @torch.no_grad()
     def add(self, keys: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor] = None) -> None:
@@ -294,8 +288,8 @@ class KNNMemory:
         n = keys.shape[1]
         if n == 0:
             return
-        keys = keys.detach().to(self.device, self.kv.dtype)
-        values = values.detach().to(self.device, self.kv.dtype)
+        keys = keys.detach().to(self.device, self.keys.dtype)
+        values = values.detach().to(self.device, self.values.dtype)
         if mask is None:
             self._add_dense(keys, values)
             return
@@ -311,8 +305,8 @@ class KNNMemory:
         survive = (offsets >= (total[:, None] - C)) & mask
         rr, cc = survive.nonzero(as_tuple=True)  # (m,), (m,)
         slots = ids[rr, cc] % C
-        self.kv[rr, slots, 0] = keys[rr, cc]
-        self.kv[rr, slots, 1] = values[rr, cc]
+        self.keys[rr, slots] = keys[rr, cc]
+        self.values[rr, slots] = values[rr, cc]
         counts_after = self.counts + new_per_row
         if self._use_faiss():
             for r in range(R):
@@ -334,11 +328,11 @@ class KNNMemory:
             first_id = int(self.counts[r]) + n - m  # id of keys[r, 0]
             start = first_id % C
             head = min(m, C - start)
-            self.kv[r, start : start + head, 0] = keys[r, :head]
-            self.kv[r, start : start + head, 1] = values[r, :head]
+            self.keys[r, start : start + head] = keys[r, :head]
+            self.values[r, start : start + head] = values[r, :head]
             if head < m:
-                self.kv[r, : m - head, 0] = keys[r, head:]
-                self.kv[r, : m - head, 1] = values[r, head:]
+                self.keys[r, : m - head] = keys[r, head:]
+                self.values[r, : m - head] = values[r, head:]
             self.counts[r] += n
             if use_faiss and self._indexes[r] is not None:
                 self._index_add(r, int(self.counts[r]), keys[r], np.arange(first_id, first_id + m, dtype=np.int64))
@@ -421,11 +415,13 @@ class KNNMemory:
         ids = torch.where(mask, ids, torch.full_like(ids, -1))
         slots = torch.where(mask, ids % self.capacity, torch.zeros_like(ids))  # (R, Q, k)
         flat = (slots + torch.arange(R, device=self.device)[:, None, None] * self.capacity).reshape(-1)
-        kv = self.kv.view(R * self.capacity, 2 * d).index_select(0, flat).view(R, *lead, topk, 2, d)
+        mk = self.keys.view(R * self.capacity, d).index_select(0, flat).view(R, *lead, topk, d)
+        mv = self.values.view(R * self.capacity, d).index_select(0, flat).view(R, *lead, topk, d)
         mask = mask.view(R, *lead, topk)
         if not bool(mask.all()):
-            kv.masked_fill_(~mask[..., None, None], 0)
-        return KNNSearchResult(kv=kv, mask=mask, ids=ids.view(R, *lead, topk))
+            mk.masked_fill_(~mask[..., None], 0)
+            mv.masked_fill_(~mask[..., None], 0)
+        return KNNSearchResult(keys=mk, values=mv, mask=mask, ids=ids.view(R, *lead, topk))
 
     def _exact_search(self, q: torch.Tensor, rows: list[int], topk: int) -> torch.Tensor:
         """Brute force over the filled slots of ``rows``: returns ids (len(rows), Q, topk), -1 if none."""
@@ -433,22 +429,22 @@ class KNNMemory:
         sizes = self.sizes()[rows]
         n = int(sizes.max())  # slots [0, n) hold every live entry of these rows
         R_, Q = len(rows), q.shape[1]
-        rows_t = torch.as_tensor(rows, device=self.device)
+        k = min(topk, n)
         dt = _DTYPES[cfg.exact_dtype]
-        if len(rows) == self.num_rows:
-            keys = self.kv[:, :n, 0].to(dt)  # (R, n, d), a strided view when no cast is needed
+        rows_t = torch.as_tensor(rows, device=self.device)
+        if R_ == self.num_rows:
+            keys = self.keys[:, :n].to(dt)  # (R, n, d)
         else:
-            keys = self.kv[rows_t, :n, 0].to(dt)  # (R', n, d)
+            keys = self.keys[rows_t, :n].to(dt)  # (R', n, d)
         qq = q[rows_t].to(dt)  # (R', Q, d)
         size_t = torch.as_tensor(sizes, device=self.device)  # (R',)
         empty = torch.arange(n, device=self.device)[None, None, :] >= size_t[:, None, None]  # (R', 1, n)
-        k = min(topk, n)
         chunk = max(1, cfg.exact_chunk_elems // max(1, n))
         out_slots = torch.empty(R_, Q, k, dtype=torch.long, device=self.device)
         out_valid = torch.empty(R_, Q, k, dtype=torch.bool, device=self.device)
         for s in range(0, Q, chunk):
             scores = torch.bmm(qq[:, s : s + chunk], keys.transpose(1, 2))  # (R', q, n)
-            scores = scores.masked_fill(empty, float("-inf"))
+            scores.masked_fill_(empty, float("-inf"))
             top, slot = scores.topk(k, dim=-1)  # (R', q, k)
             out_slots[:, s : s + chunk] = slot
             out_valid[:, s : s + chunk] = top > float("-inf")
@@ -466,7 +462,7 @@ class KNNMemory:
         """Tensors that fully describe the memory: the ring buffers, the counts and, for rows with a faiss
         index, its centroids and training bookkeeping (the index itself is rebuilt from these, so a
         restored memory answers searches exactly as the saved one did)."""
-        state = {"kv": self.kv, "counts": torch.from_numpy(self.counts.copy())}
+        state = {"keys": self.keys, "values": self.values, "counts": torch.from_numpy(self.counts.copy())}
         for r, index in enumerate(self._indexes):
             if index is not None:
                 state[f"ivf.{r}.centroids"] = torch.from_numpy(index.centroids())
@@ -476,9 +472,10 @@ class KNNMemory:
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore a :meth:`state_dict` (same rows, capacity and dim)."""
-        if tuple(state["kv"].shape) != tuple(self.kv.shape):
-            raise ValueError(f"state kv {tuple(state['kv'].shape)} does not fit memory {tuple(self.kv.shape)}")
-        self.kv.copy_(state["kv"])
+        if tuple(state["keys"].shape) != tuple(self.keys.shape):
+            raise ValueError(f"state keys {tuple(state['keys'].shape)} do not fit memory {tuple(self.keys.shape)}")
+        self.keys.copy_(state["keys"])
+        self.values.copy_(state["values"])
         self.counts = state["counts"].cpu().numpy().astype(np.int64).copy()
         self._indexes = [None] * self.num_rows
         if self._use_faiss():
@@ -492,7 +489,8 @@ class KNNMemory:
     def to(self, device: Union[str, torch.device]) -> "KNNMemory":
         """Move the buffers (in place) and return self."""
         self.device = torch.device(device)
-        self.kv = self.kv.to(self.device)
+        self.keys = self.keys.to(self.device)
+        self.values = self.values.to(self.device)
         if not self._use_faiss():
             self._indexes = [None] * self.num_rows
         else:

@@ -315,11 +315,14 @@ class T5RelativePositionBias(nn.Module):
         return torch.where(is_small, n, large)
 
     def forward(self, n: int, S: int, device: torch.device) -> torch.Tensor:
-        q_pos = torch.arange(S - n, S, device=device)  # (n,) absolute positions of the queries
-        k_pos = torch.arange(S, device=device)  # (S,)
-        rel = k_pos[None, :] - q_pos[:, None]  # (n, S)
-        bias = self.relative_attention_bias(self.bucket(rel))  # (n, S, h)
-        return bias.permute(2, 0, 1).unsqueeze(0) * self.scale  # (1, h, n, S)
+        # the bias depends on the offset key - query only: look up the S + n - 1 offsets once, then lay
+        # them out as (n, S) sliding windows (a view); backward sums the windows instead of scattering
+        # n * S embedding gradients
+        offsets = torch.arange(-(S - 1), n, device=device)  # (S + n - 1,) key minus query position
+        per_offset = self.relative_attention_bias(self.bucket(offsets)).t() * self.scale  # (h, S + n - 1)
+        windows = per_offset.unfold(1, S, 1)  # (h, n, S): windows[:, w] = offsets from w - (S - 1)
+        # query i (absolute position S - n + i) sees key j at offset j - (S - n + i): window n - 1 - i
+        return windows.flip(1).unsqueeze(0)  # (1, h, n, S)
 
 
 class FeedForward(nn.Module):
@@ -344,30 +347,40 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 class _SharedKVAttention(torch.autograd.Function):
     """``softmax(q k^T + bias) v`` for multi-query attention (all query heads share one key/value head).
 
-    Returns the output and each row's log-sum-exp, both differentiable, so that memorizing layers can merge
-    retrieved memories into the same softmax. Heads are folded into the query axis (one bmm per batch
-    row against the shared keys) and only the bf16 probabilities are kept for backward. Unlike SDPA's
-    fused CPU kernel it also returns the gradient of ``bias`` (the T5 relative position bias is learned),
-    which otherwise sends SDPA to its slower unfused path.
+    Returns the output and, when ``need_lse``, each row's log-sum-exp (differentiable), so that memorizing
+    layers can merge retrieved memories into the same softmax. Heads are folded into the query axis (one
+    bmm per batch row against the shared keys), elementwise passes over the (b, h, n, S) scores are kept
+    to a minimum and only the bf16 probabilities are saved for backward. Unlike SDPA's fused CPU kernel
+    it returns the gradient of ``bias`` (the T5 relative position bias is learned), which otherwise sends
+    SDPA to its slower unfused path. Every query must see at least one unmasked key (the causal diagonal).
     """
 
     @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor):
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, need_lse: bool):
         # q (b, h, n, d) pre-scaled; k, v (b, S, d); bias (1 or b, h, n, S) float with -inf where masked
         b, h, n, d = q.shape
         S = k.shape[1]
         cdt = _compute_dtype(q)
         with torch.autocast(q.device.type, enabled=False):
             qc, kc, vc = q.reshape(b, h * n, d).to(cdt), k.to(cdt), v.to(cdt)
-            s = torch.bmm(qc, kc.transpose(1, 2)).view(b, h, n, S).float()  # (b, h, n, S)
-            s += bias
-            lse = torch.logsumexp(s, dim=-1, keepdim=True)  # (b, h, n, 1)
-            p = s.sub_(lse).exp_().to(cdt)  # (b, h, n, S)
+            # scores stay in the matmul dtype (CPU softmax kernels accumulate reduced precision in fp32);
+            # mixed-dtype elementwise ops are many times slower on CPU than same-dtype ones
+            s = torch.bmm(qc, kc.transpose(1, 2)).view(b, h, n, S).add_(bias.to(cdt))  # (b, h, n, S)
+            p = torch.softmax(s, dim=-1)  # (b, h, n, S)
+            lse = None
+            if need_lse:
+                # p = exp(s - lse), so lse = s_j - log p_j at any j; at the row maximum p_j >= 1/S, so
+                # its log is well defined and accurate to p's relative precision
+                s_max, j = s.max(dim=-1, keepdim=True)  # (b, h, n, 1)
+                lse = (s_max.float() - p.gather(-1, j).float().log()).squeeze(-1)  # (b, h, n)
+            del s
             o = torch.bmm(p.view(b, h * n, S), vc).view(b, h, n, d)  # (b, h, n, d)
         ctx.save_for_backward(qc, kc, vc, p, o)
         ctx.q_dtype, ctx.k_dtype, ctx.v_dtype = q.dtype, k.dtype, v.dtype
         ctx.bias_shape, ctx.bias_dtype = bias.shape, bias.dtype
-        return o, lse.squeeze(-1)
+        if lse is None:
+            lse = torch.zeros(b, h, n, device=q.device)
+        return o, lse
 
     @staticmethod
     def backward(ctx: Any, do: Optional[torch.Tensor], dlse: Optional[torch.Tensor]):
@@ -379,26 +392,61 @@ class _SharedKVAttention(torch.autograd.Function):
             if do is None:
                 do = torch.zeros_like(o)
             doc = do.to(cdt).reshape(b, h * n, d)
-            delta = (do.float() * o.float()).sum(-1, keepdim=True)  # (b, h, n, 1)
-            if dlse is not None:
-                delta = delta - dlse.float().unsqueeze(-1)
-            dp = torch.bmm(doc, vc.transpose(1, 2)).view(b, h, n, S).float()  # (b, h, n, S)
-            ds = dp.sub_(delta).mul_(p.float())  # (b, h, n, S) = p * (dp - delta)
+            dp = torch.bmm(doc, vc.transpose(1, 2)).view(b, h, n, S)  # (b, h, n, S)
+            ds = torch._softmax_backward_data(dp, p, -1, cdt)  # p * (dp - sum_j p_j dp_j)
+            del dp
+            if dlse is not None:  # d lse / d s = p
+                ds.addcmul_(p, dlse.to(cdt).unsqueeze(-1))
             dbias = None
             if ctx.needs_input_grad[3]:
-                dbias = ds.sum(0, keepdim=True) if ctx.bias_shape[0] == 1 and b > 1 else ds.clone()
+                if ctx.bias_shape[0] == 1 and b > 1:  # sum over the batch as a GEMV (fp32 accumulation)
+                    dbias = (torch.ones(1, b, dtype=cdt, device=ds.device) @ ds.view(b, -1)).view(1, h, n, S)
+                else:
+                    dbias = ds
                 dbias = dbias.to(ctx.bias_dtype)
-            dsc = ds.to(cdt).view(b, h * n, S)
+            dsc = ds.view(b, h * n, S)
+            del ds
             dq = torch.bmm(dsc, kc).view(b, h, n, d).to(ctx.q_dtype)
             dk = torch.bmm(dsc.transpose(1, 2), qc).to(ctx.k_dtype)  # (b, S, d)
             dv = torch.bmm(p.view(b, h * n, S).transpose(1, 2), doc).to(ctx.v_dtype)  # (b, S, d)
-        return dq, dk, dv, dbias
+        return dq, dk, dv, dbias, None
+
+
+class _MemoryAttention(torch.autograd.Function):
+    """Scores of each query against its own retrieved keys, and the weighted sum of retrieved values.
+
+    ``scores(q, mem_k)``: (B, d), (B, k, d) -> (B, k); ``combine(p, mem_v)``: (B, k), (B, k, d) -> (B, d).
+    Retrieved pairs get no gradient; writing both directions as bmm against the un-transposed (B, k, d)
+    tensors avoids the transposed copies that autograd's bmm backward would make of them.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, mem: torch.Tensor, mode: str) -> torch.Tensor:
+        ctx.save_for_backward(mem)
+        ctx.mode, ctx.x_dtype = mode, x.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            xc = x.to(mem.dtype)
+            if mode == "scores":
+                return torch.bmm(mem, xc.unsqueeze(-1)).squeeze(-1)  # (B, k)
+            return torch.bmm(xc.unsqueeze(1), mem).squeeze(1)  # (B, d)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        (mem,) = ctx.saved_tensors
+        with torch.autocast(grad.device.type, enabled=False):
+            g = grad.to(mem.dtype)
+            if ctx.mode == "scores":  # d q = sum_j g_j k_j
+                dx = torch.bmm(g.unsqueeze(1), mem).squeeze(1)  # (B, d)
+            else:  # d p_j = <g, v_j>
+                dx = torch.bmm(mem, g.unsqueeze(-1)).squeeze(-1)  # (B, k)
+        return dx.to(ctx.x_dtype), None, None
 
 
 def shared_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(output (b, h, n, d), log-sum-exp (b, h, n)) of multi-query attention; see :class:`_SharedKVAttention`."""
-    return _SharedKVAttention.apply(q, k, v, bias)
+                        need_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output (b, h, n, d), log-sum-exp (b, h, n), zeros unless ``need_lse``) of multi-query attention;
+    see :class:`_SharedKVAttention`."""
+    return _SharedKVAttention.apply(q, k, v, bias, need_lse)
 
 
 class Attention(nn.Module):
@@ -466,16 +514,16 @@ class Attention(nn.Module):
     def _memory_scores(q: torch.Tensor, found) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores of each query against its own retrieved keys: (b, h, n, k) float, and the values."""
         b, h, n, d = q.shape
-        mem_kv = found.kv.to(_compute_dtype(q))  # (b, h, n, k, 2, d)
-        kk = mem_kv.shape[-3]
-        mem_k = mem_kv[..., 0, :].reshape(b * h * n, kk, d)  # strided views, no copies
-        mem_v = mem_kv[..., 1, :].reshape(b * h * n, kk, d)
-        sim = torch.bmm(mem_k, q.reshape(b * h * n, d, 1).to(mem_k.dtype)).view(b, h, n, kk).float()
+        cdt = _compute_dtype(q)
+        kk = found.keys.shape[-2]
+        mem_k = found.keys.to(cdt).reshape(b * h * n, kk, d)  # (B, k, d), contiguous
+        mem_v = found.values.to(cdt).reshape(b * h * n, kk, d)
+        sim = _MemoryAttention.apply(q.reshape(b * h * n, d), mem_k, "scores").view(b, h, n, kk).float()
         return sim.masked_fill(~found.mask, float("-inf")), mem_v
 
     def _merged(self, q, k, v, bias, found) -> torch.Tensor:
         """Local attention via the fused function, retrieved memories merged into the same softmax."""
-        out, lse = shared_kv_attention(q, k, v, bias)  # (b, h, n, d), (b, h, n)
+        out, lse = shared_kv_attention(q, k, v, bias, need_lse=found is not None)  # (b, h, n, d), (b, h, n)
         if found is None:
             return out
         b, h, n, d = q.shape
@@ -484,7 +532,7 @@ class Attention(nn.Module):
         total = torch.logsumexp(torch.cat((sim_mem, lse.unsqueeze(-1)), dim=-1), dim=-1)  # (b, h, n)
         w_local = (lse - total).exp().unsqueeze(-1)  # (b, h, n, 1)
         p_mem = (sim_mem - total.unsqueeze(-1)).exp()  # (b, h, n, k)
-        mem_out = torch.bmm(p_mem.reshape(b * h * n, 1, -1).to(mem_v.dtype), mem_v).view(b, h, n, d)
+        mem_out = _MemoryAttention.apply(p_mem.reshape(b * h * n, -1), mem_v, "combine").view(b, h, n, d)
         return out * w_local.to(out.dtype) + mem_out.to(out.dtype)
 
     def _reference(self, q, k, v, bias, found, p: float) -> torch.Tensor:

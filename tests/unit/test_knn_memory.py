@@ -264,3 +264,4 @@ def test_bad_inputs():
         mem.search(torch.randn(2, 2, 5), 1)
     with pytest.raises(ValueError):
         mem.clear([5])
+

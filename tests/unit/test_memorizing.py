@@ -261,3 +261,13 @@ def test_fused_attention_matches_reference(knn):
     for a, c in zip(g1, g2):
         assert torch.allclose(a, c, rtol=1e-3, atol=1e-5)
     assert g1[1].abs().sum() > 0  # the relative bias learns
+
+
+def test_relative_position_bias_matches_pairwise_lookup():
+    rel = T5RelativePositionBias(heads=3, scale=2.0, num_buckets=32, max_distance=128)
+    n, S = 7, 40
+    got = rel(n, S, torch.device("cpu"))
+    q_pos = torch.arange(S - n, S)
+    offsets = torch.arange(S)[None, :] - q_pos[:, None]  # (n, S)
+    want = rel.relative_attention_bias(rel.bucket(offsets)).permute(2, 0, 1).unsqueeze(0) * 2.0
+    assert torch.equal(got, want)
