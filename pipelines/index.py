@@ -40,7 +40,10 @@ import ray
 from pipelines.embeddings_io import (
     DocBounds, EmbeddingPart, EmbeddingsInfo, NpyPart, gather_rows, load_embeddings_info, part_rel, uniform_sample,
 )
-from pipelines.knn_core import TIE_CANDIDATES, empty_topk, exact_block, ivf_of, merge_topk, recall_at_k, search_neighbors
+from pipelines.knn_core import (
+    TIE_CANDIDATES, empty_topk, exact_block, filter_candidates, ivf_of, merge_topk, recall_at_k, search_neighbors,
+    use_blas_for_batches,
+)
 from pipelines.latest import (
     file_entry, file_is_valid, find_complete, fingerprint_of, put_file, start_version,
 )
@@ -49,7 +52,7 @@ from pipelines.storage import Location, open_location, remove_tree, write_bytes_
 
 FLAT_MAX_VECTORS = 4096  # below this, exact search over everything costs less than training anything
 FLAT_COMPARE_MAX = 262_144  # up to this, the single-node build also times exact search against the tuned index
-FLAT_PROBE_QUERIES = 200
+APPROX_WORTH_S = 10.0  # exact neighbors for every chunk cheaper than this (CPU-seconds): no approximate index
 TRAIN_POINTS_PER_LIST = 50  # k-means needs >= 39 per centroid (faiss warns below)
 PQ_TRAIN_POINTS = 256 * 40  # 8-bit product quantizers: 256 centroids per sub-space
 EXACT_BLOCK_ROWS = 8192
@@ -154,12 +157,6 @@ class RecallSample:
     raw: tuple[np.ndarray, np.ndarray]
     filtered: tuple[np.ndarray, np.ndarray]
 
-    def subset(self, n: int) -> "RecallSample":
-        """n evenly spaced rows (the ids are sorted, so a prefix would favour the first documents)."""
-        i = np.unique(np.linspace(0, len(self.ids) - 1, min(n, len(self.ids))).astype(np.int64))
-        return RecallSample(self.ids[i], self.queries[i], self.lo[i], self.hi[i], (self.raw[0][i], self.raw[1][i]),
-                            (self.filtered[0][i], self.filtered[1][i]))
-
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
         np.savez(buf, ids=self.ids, lo=self.lo, hi=self.hi, raw_ids=self.raw[0], raw_scores=self.raw[1],
@@ -221,36 +218,37 @@ def search_candidates(index, key: str) -> list[str]:
 
 
 def evaluate(index, sample: RecallSample, settings: IndexSettings) -> dict:
-    """Filtered neighbor recall@k, raw index recall@k and ms per query at the current parameters."""
+    """Filtered neighbor recall@k, raw index recall@k (from the same first-pass candidates, only the
+    query itself removed) and ms per query at the current parameters."""
+    cand: list = []
     t = time.perf_counter()
     found, _, short = search_neighbors(index, sample.queries, sample.ids, sample.lo, sample.hi, k=settings.k,
-                                       extra=settings.extra_neighbors, metric=settings.metric)
+                                       extra=settings.extra_neighbors, metric=settings.metric, candidates=cand)
     ms = (time.perf_counter() - t) * 1000 / len(sample.ids)
-    fetch = min(settings.k + 1, int(index.ntotal))
-    _, cand = index.search(sample.queries, fetch)
-    no_doc = np.zeros(len(sample.ids), np.int64)
-    from pipelines.knn_core import filter_candidates
-
-    raw_found, _, _ = filter_candidates(cand, np.zeros(cand.shape, np.float32), sample.ids, no_doc, no_doc,
+    none = np.zeros(len(sample.ids), np.int64)
+    raw_found, _, _ = filter_candidates(cand[0], np.zeros(cand[0].shape, np.float32), sample.ids, none, none,
                                         settings.k, settings.metric)
     return {"neighbor_recall": recall_at_k(found, *sample.filtered, settings.k),
             "recall": recall_at_k(raw_found, *sample.raw, settings.k), "ms_per_query": ms,
             "short_rows": int(short.sum())}
 
 
-def tune(index, key: str, sample: RecallSample, settings: IndexSettings) -> tuple[str, dict, list[dict]]:
+def tune(index, key: str, sample: RecallSample, settings: IndexSettings,
+         ms_cap: float | None = None) -> tuple[str, dict, list[dict]]:
     """The cheapest parameters reaching ``target_recall`` within ``max_query_ms`` (else the best
-    recall within the bound); returns (param string, its evaluation, every evaluation tried)."""
+    recall within the bound); returns (param string, its evaluation, every evaluation tried).
+    ``ms_cap`` stops the search early (e.g. once slower than exact search)."""
     import faiss
 
+    limit = min(settings.max_query_ms, ms_cap if ms_cap is not None else float("inf"))
     tried: list[dict] = []
     chosen = None
     for param in search_candidates(index, key):
         if param:
             faiss.ParameterSpace().set_index_parameters(index, param)
-        ev = {"index_param": param, **evaluate(index, sample, settings)}
+        ev = {"index_key": key, "index_param": param, **evaluate(index, sample, settings)}
         tried.append(ev)
-        within = ev["ms_per_query"] <= settings.max_query_ms
+        within = ev["ms_per_query"] <= limit
         if within and (chosen is None or ev["neighbor_recall"] > chosen["neighbor_recall"]):
             chosen = ev
         if ev["neighbor_recall"] >= settings.target_recall or not within:
@@ -262,6 +260,46 @@ def tune(index, key: str, sample: RecallSample, settings: IndexSettings) -> tupl
 
 
 # ----------------------------------------------------------------------------- single-node build
+
+
+def build_and_tune_single(out: Location, info: EmbeddingsInfo, bounds: DocBounds, settings: IndexSettings, key: str,
+                          auto: bool, seed: str, concurrency: int):
+    """Build in-process and tune. With an automatic key and a corpus small enough, exact search is
+    measured first: the approximate index is only built when it could save real time (the whole
+    neighbors job at exact cost is over ``APPROX_WORTH_S`` CPU-seconds) and only kept when it
+    reaches the target recall faster per query than exact search."""
+    t = time.perf_counter()
+    sample = compute_recall_sample(out, info, bounds, settings, seed, use_ray=False, concurrency=concurrency)
+    sample_seconds = time.perf_counter() - t
+    build_seconds, tune_seconds, tried = 0.0, 0.0, []
+    flat = flat_ev = None
+    if auto and key != "Flat" and flat_may_compete(info, settings.max_index_memory):
+        t = time.perf_counter()
+        flat = build_single_node(out, info, "Flat", settings.metric, seed)
+        build_seconds += time.perf_counter() - t
+        t = time.perf_counter()
+        flat_ev = {"index_key": "Flat", "index_param": "", **evaluate(flat, sample, settings)}
+        tune_seconds += time.perf_counter() - t
+        tried.append(flat_ev)
+        if info.n * flat_ev["ms_per_query"] / 1000 <= APPROX_WORTH_S and flat_ev["ms_per_query"] <= settings.max_query_ms:
+            print(f"index: exact search costs {flat_ev['ms_per_query']:.3f} ms/query, "
+                  f"{info.n * flat_ev['ms_per_query'] / 1000:.1f} CPU-s for all chunks: using Flat", flush=True)
+            return flat, "Flat", "", flat_ev, tried, build_seconds, tune_seconds + sample_seconds, sample
+    t = time.perf_counter()
+    index = build_single_node(out, info, key, settings.metric, seed)
+    build_seconds += time.perf_counter() - t
+    t = time.perf_counter()
+    param, chosen, more = tune(index, key, sample, settings, ms_cap=flat_ev["ms_per_query"] if flat_ev else None)
+    tune_seconds += time.perf_counter() - t + sample_seconds
+    tried += more
+    if flat_ev is not None:
+        beats_flat = chosen["neighbor_recall"] >= settings.target_recall and chosen["ms_per_query"] < flat_ev["ms_per_query"]
+        if not beats_flat and flat_ev["ms_per_query"] <= settings.max_query_ms:
+            print(f"index: {key} does not reach recall {settings.target_recall} faster than exact search "
+                  f"({flat_ev['ms_per_query']:.3f} ms/query): using Flat", flush=True)
+            return flat, "Flat", "", flat_ev, tried, build_seconds, tune_seconds, sample
+    return index, key, param, chosen, tried, build_seconds, tune_seconds, sample
+
 
 
 def build_single_node(out: Location, info: EmbeddingsInfo, key: str, metric: str, seed: str):
@@ -355,6 +393,7 @@ def run_index(*, out: Location, index_key: str = "", max_index_memory: str = "4G
               concurrency: int = 0, config: dict | None = None) -> IndexSummary:
     """Build, evaluate and commit one index version (or find the one these inputs already made)."""
     start = time.perf_counter()
+    use_blas_for_batches()
     settings = IndexSettings(index_key, max_index_memory, max_query_ms, metric, k, extra_neighbors,
                              target_recall, recall_sample)
     info = load_embeddings_info(out)
@@ -370,32 +409,19 @@ def run_index(*, out: Location, index_key: str = "", max_index_memory: str = "4G
     version, _ = start_version(out, "index", fp)
     folder = f"index/{version}"
     concurrency = concurrency or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    print(f"index: building {folder} with {key} ({mode}) over {info.n} chunks of dim {info.dim}", flush=True)
+    print(f"index: building {folder} ({mode}) over {info.n} chunks of dim {info.dim} with "
+          f"{key if index_key else 'autofaiss choice ' + key + ' (or exact search where cheaper)'}", flush=True)
 
-    t = time.perf_counter()
     if mode == "single":
-        index = build_single_node(out, info, key, metric, fp)
-        build_seconds = time.perf_counter() - t
-        t = time.perf_counter()
-        sample = compute_recall_sample(out, info, bounds, settings, fp, use_ray=False, concurrency=concurrency)
-        param, chosen, tried = tune(index, key, sample, settings)
-        if not index_key and key != "Flat" and flat_may_compete(info, max_index_memory):
-            flat = build_single_node(out, info, "Flat", metric, fp)
-            ev = {"index_key": "Flat", "index_param": "", **evaluate(flat, sample.subset(FLAT_PROBE_QUERIES), settings)}
-            tried.append(ev)
-            if ev["ms_per_query"] <= chosen["ms_per_query"] or chosen["neighbor_recall"] < target_recall:
-                print(f"index: exact search ({ev['ms_per_query']:.3f} ms/query) is as cheap as {key} at "
-                      f"{param} ({chosen['ms_per_query']:.3f} ms/query): using Flat", flush=True)
-                index, key, param = flat, "Flat", ""
-                chosen = {"index_param": "", **evaluate(flat, sample, settings)}
-            del flat
-        tune_seconds = time.perf_counter() - t
+        index, key, param, chosen, tried, build_seconds, tune_seconds, sample = build_and_tune_single(
+            out, info, bounds, settings, key, not index_key, fp, concurrency)
         layout, files, ntotal = "single", ["knn.index"], int(index.ntotal)
         write_index_file(out, f"{folder}/knn.index", index)
         del index
     else:
         from pipelines.index_distributed import build_distributed, tune_remote
 
+        t = time.perf_counter()
         layout, files, ntotal = build_distributed(out, info, folder, key, metric, fp, concurrency)
         build_seconds = time.perf_counter() - t
         t = time.perf_counter()

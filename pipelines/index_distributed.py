@@ -24,7 +24,7 @@ import numpy as np
 import ray
 
 from pipelines.embeddings_io import EmbeddingPart, EmbeddingsInfo, NpyPart, part_rel, uniform_sample
-from pipelines.knn_core import ivf_of
+from pipelines.knn_core import ivf_of, use_blas_for_batches
 from pipelines.latest import fetch_files, file_entry, file_is_valid, load_index_files, put_file
 from pipelines.storage import Location, exists, open_location, read_bytes, write_bytes_atomic
 
@@ -216,6 +216,7 @@ def tune_task(out_url: str, folder: str, layout: str, files: list[str], dim: int
     from pipelines.index import tune
 
     _set_threads(1)
+    use_blas_for_batches()
     out = open_location(out_url)
     with tempfile.TemporaryDirectory() as d:
         local = fetch_files(out, folder, [{"path": f} for f in files], cache_dir=d)

@@ -2,7 +2,7 @@
 
 For every chunk, its k nearest chunks under the index's metric, never itself and never from its
 own document (:func:`pipelines.knn_core.search_neighbors`; -1 pads when fewer exist). Work runs
-over embeddings parts (contiguous chunk id ranges) in Ray Data actors (``NeighborsWorker``) that
+over embeddings parts (contiguous chunk id ranges) in Ray actors (``NeighborsWorker``) that
 load the index once, memory-mapped where the index allows, plus the documents' first chunk ids
 (8 bytes per document). Each part is committed as ``part-NNNNN.parquet`` with a sidecar entry
 in ``_parts/``; a killed run resumes with the parts whose sidecar still validates (size, sha256).
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import time
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ import pyarrow as pa
 import ray
 
 from pipelines.embeddings_io import DocBounds, EmbeddingPart, NpyPart, load_embeddings_info, part_rel, read_part_ids
-from pipelines.knn_core import recall_at_k, search_neighbors
+from pipelines.knn_core import recall_at_k, search_neighbors, use_blas_for_batches
 from pipelines.latest import (
     LATEST, complete_versions, find_complete, fingerprint_of, latest_record, open_index, resolve_latest, start_version,
     write_latest,
@@ -32,6 +33,7 @@ from pipelines.parquet_io import write_table
 from pipelines.storage import Location, exists, open_location, read_bytes, remove_stale_temporaries, write_bytes_atomic
 
 QUERY_BLOCK_ROWS = 8192
+MIN_ROWS_PER_ACTOR = 50_000  # fewer rows per actor cost more in process start-up than they save
 
 
 def neighbors_schema() -> pa.Schema:
@@ -48,18 +50,22 @@ def neighbors_table(chunk_ids: np.ndarray, ids: np.ndarray, dist: np.ndarray) ->
 
 
 class NeighborsWorker:
-    """Ray Data actor: index and document bounds loaded once, then one embeddings part per call."""
+    """A Ray actor: the index (memory-mapped) and document bounds loaded once, then one embeddings
+    part per call. (Plain actors rather than a Ray Data pool: Ray Data's first use in a process
+    costs seconds, as much as the whole search at 20k chunks.)"""
 
     def __init__(self, out_url: str, index_version: str, folder: str, k: int, extra: int,
-                 metric: str, threads: int, sample_ids: np.ndarray):
+                 metric: str, threads: int):
         import faiss
 
         faiss.omp_set_num_threads(max(1, threads))
+        use_blas_for_batches()
+        t = time.perf_counter()
         self.out = open_location(out_url)
         self.index = open_index(self.out, index_version, mmap=True)
         self.bounds = DocBounds.load(self.out, int(self.index.ntotal))
         self.folder, self.k, self.extra, self.metric = folder, k, extra, metric
-        self.sample_ids = np.asarray(sample_ids, dtype=np.int64)
+        self.setup_seconds = time.perf_counter() - t
 
     def part(self, part: EmbeddingPart) -> dict:
         name = part_name(part.index)
@@ -68,6 +74,7 @@ class NeighborsWorker:
             entry = json.loads(read_bytes(self.out, sidecar))
             if part_is_valid(self.out, self.folder, entry) and entry["rows"] == part.rows:
                 return entry | {"kept": True}
+        t = time.perf_counter()
         chunk_ids = read_part_ids(self.out, part)
         npy = NpyPart(self.out, part_rel(part))
         ids = np.empty((part.rows, self.k), np.int64)
@@ -83,14 +90,42 @@ class NeighborsWorker:
         entry = entry | {"path": name, "first_chunk_id": part.offset, "pad_rows": int((ids < 0).any(1).sum()),
                          "short_rows": int(short.sum())}
         write_bytes_atomic(self.out, sidecar, json.dumps(entry).encode())
-        return entry | {"kept": False}
+        return entry | {"kept": False, "seconds": round(time.perf_counter() - t, 3)}
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = []
-        for text in batch["part"]:
-            part = EmbeddingPart.from_dict(json.loads(text))
-            rows.append(json.dumps(self.part(part)))
-        return {"entry": np.asarray(rows)}
+    def run(self, part: dict) -> dict:
+        return self.part(EmbeddingPart.from_dict(part))
+
+
+def run_parts(out_url: str, parts: list[EmbeddingPart], *, n_actors: int, cpus: int, **worker_kw) -> list[dict]:
+    """Feed parts to ``n_actors`` actors, one part in flight per actor; progress every few seconds."""
+    actor_cls = ray.remote(NeighborsWorker)
+    actors = [actor_cls.options(num_cpus=cpus).remote(out_url, threads=cpus, **worker_kw) for _ in range(n_actors)]
+    pending = list(parts)
+    running: dict = {}
+    entries: list[dict] = []
+    rows_done, total_rows, start, last = 0, sum(p.rows for p in parts), time.perf_counter(), 0.0
+    try:
+        for a in actors:
+            if pending:
+                p = pending.pop(0)
+                running[a.run.remote(p.to_dict())] = (a, p)
+        while running:
+            done, _ = ray.wait(list(running), num_returns=1)
+            actor, p = running.pop(done[0])
+            entries.append(ray.get(done[0]))
+            rows_done += p.rows
+            if pending:
+                q = pending.pop(0)
+                running[actor.run.remote(q.to_dict())] = (actor, q)
+            now = time.perf_counter() - start
+            if now - last > 5 or not running:
+                last = now
+                print(f"neighbors: {len(entries)}/{len(parts)} parts, {rows_done}/{total_rows} chunks, "
+                      f"{rows_done / max(now, 1e-9):,.0f} chunks/s", flush=True)
+    finally:
+        for a in actors:
+            ray.kill(a)
+    return entries
 
 
 @dataclass
@@ -202,19 +237,16 @@ def run_neighbors(*, out: Location, index_version: str | None = None, k: int = 2
     remove_stale_temporaries(out, folder)
 
     parts = list(info.parts)
-    n_actors = max(1, min(concurrency or int(ray.cluster_resources().get("CPU", 1)), len(parts)))
-    cpus = max(1, min(int(ray.cluster_resources().get("CPU", 1)) // n_actors, _max_node_cpus()))
-    with np.load(io.BytesIO(read_bytes(out, f"{index_folder}/recall_sample.npz"))) as z:
-        sample_ids = z["ids"]
-    ds = ray.data.from_items([{"part": json.dumps(p.to_dict())} for p in parts], override_num_blocks=len(parts))
-    rows = ds.map_batches(
-        NeighborsWorker, batch_size=1, num_cpus=cpus, compute=ray.data.ActorPoolStrategy(size=n_actors),
-        fn_constructor_kwargs={"out_url": out.url, "index_version": index_version, "folder": folder, "k": k,
-                               "extra": extra_neighbors, "metric": im["metric"],
-                               "threads": cpus, "sample_ids": sample_ids},
-    ).take_all()
-    entries = sorted((json.loads(r["entry"]) for r in rows), key=lambda e: e["first_chunk_id"])
+    cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
+    n_actors = max(1, min(concurrency or cluster_cpus, len(parts), math.ceil(info.n / MIN_ROWS_PER_ACTOR)))
+    cpus = max(1, min(cluster_cpus // n_actors, _max_node_cpus()))
+    entries = run_parts(out.url, parts, n_actors=n_actors, cpus=cpus, index_version=index_version, folder=folder,
+                        k=k, extra=extra_neighbors, metric=im["metric"])
+    entries.sort(key=lambda e: e["first_chunk_id"])
     kept = sum(1 for e in entries if e.pop("kept"))
+    busy = sum(e.pop("seconds", 0.0) for e in entries)
+    print(f"neighbors: {len(entries) - kept} parts searched in {busy:.1f} worker-seconds by {n_actors} actor(s) "
+          f"of {cpus} CPU(s); {kept} kept", flush=True)
 
     # validate before publishing: one part per embeddings part, one row per chunk, all committed
     if [e["first_chunk_id"] for e in entries] != [p.offset for p in parts] or \
