@@ -8,8 +8,10 @@ On this machine (a local Ray instance on loopback, a local folder, the packaged 
 On a Ray cluster, against object storage (credentials from the AWS_* environment, never flags):
 
     ray job submit --working-dir . -- python -m jobs.build_index \\
-        --corpus s3://my-bucket/corpus/ --out s3://my-bucket/builds/v1 --stages tokenize
+        --corpus s3://my-bucket/corpus/ --out s3://my-bucket/builds/v1
 
+Stages, in order: tokenize (docs/ chunks/ seqs/ quarantine/), embed (embeddings/), index (index/vNNNN/),
+neighbors (neighbors/vNNNN/, then LATEST names the published index and neighbors versions).
 Each stage writes its own folders under --out (see DESIGN.md, the artifact contract) and ends with
 a manifest; rerunning the same command redoes only what is missing or invalid.
 """
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 
 from pipelines.config import config_to_dict, fail, option, parse_config
 
-ALL_STAGES = ("tokenize", "embed")
+ALL_STAGES = ("tokenize", "embed", "index", "neighbors")
 DEMO_OUT = "./artifacts/demo"
 
 
@@ -58,6 +60,14 @@ class BuildConfig:
     cpus_per_worker: float = option(1.0, "CPUs (and torch threads) per embed worker")
     gpus_per_worker: float = option(0.0, "GPUs per embed worker; > 0 runs the encoder on CUDA")
     allow_tokenizer_mismatch: bool = option(False, "embed even if the encoder's tokenizer differs from the chunks' tokenizer")
+    index_key: str = option("", "faiss index factory string (e.g. 'OPQ64_256,IVF65536_HNSW32,PQ64'); empty = autofaiss chooses")
+    max_index_memory: str = option("4G", "memory budget of the index (autofaiss's max_index_memory_usage)")
+    max_query_ms: float = option(10.0, "query latency budget in milliseconds (autofaiss's max_index_query_time_ms)")
+    metric: str = option("l2", "distance: l2 (RETRO's) or ip (inner product)")
+    single_node_max_vectors: int = option(2_000_000, "above this many chunks the index is built distributed across Ray workers")
+    distributed: bool = option(False, "force the distributed index build (sampled training, parallel adds, merge)")
+    k: int = option(2, "neighbors stored per chunk")
+    extra_neighbors: int = option(10, "extra candidates asked of the index so that self/same-document filtering still fills k")
     ray_address: str = option("", "Ray cluster address; default: RAY_ADDRESS, else a local instance on 127.0.0.1")
     num_cpus: int = option(0, "CPUs for a local Ray instance; 0 = all of this machine's")
 
@@ -78,6 +88,10 @@ class BuildConfig:
             raise ValueError(f"--compute-dtype must be auto, float32, bfloat16 or float16, got {self.compute_dtype!r}")
         if self.embed_batch_size <= 0 or self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
             raise ValueError("--embed-batch-size and --cpus-per-worker must be positive, --gpus-per-worker not negative")
+        if self.metric not in ("l2", "ip"):
+            raise ValueError(f"--metric must be l2 or ip, got {self.metric!r}")
+        if self.k <= 0 or self.extra_neighbors < 0 or self.single_node_max_vectors <= 0 or self.max_query_ms <= 0:
+            raise ValueError("--k, --single-node-max-vectors and --max-query-ms must be positive, --extra-neighbors not negative")
         unknown = [s for s in self.stage_list if s not in ALL_STAGES]
         if unknown:
             raise ValueError(f"unknown stage(s) {', '.join(unknown)}; known: {', '.join(ALL_STAGES)}")

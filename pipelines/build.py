@@ -31,7 +31,23 @@ def _embed(cfg: "BuildConfig", out: Location, corpus: list[str], concurrency: in
                      allow_tokenizer_mismatch=cfg.allow_tokenizer_mismatch, config=config_to_dict(cfg))
 
 
-STAGES: dict[str, Callable] = {"tokenize": _tokenize, "embed": _embed}
+def _index(cfg: "BuildConfig", out: Location, corpus: list[str], concurrency: int):
+    from pipelines.index import run_index
+
+    return run_index(out=out, index_key=cfg.index_key, max_index_memory=cfg.max_index_memory,
+                     max_query_ms=cfg.max_query_ms, metric=cfg.metric, single_node_max_vectors=cfg.single_node_max_vectors,
+                     distributed=cfg.distributed, k=cfg.k, extra_neighbors=cfg.extra_neighbors,
+                     concurrency=concurrency, config=config_to_dict(cfg))
+
+
+def _neighbors(cfg: "BuildConfig", out: Location, corpus: list[str], concurrency: int):
+    from pipelines.neighbors import run_neighbors
+
+    return run_neighbors(out=out, k=cfg.k, extra_neighbors=cfg.extra_neighbors, concurrency=concurrency,
+                         config=config_to_dict(cfg))
+
+
+STAGES: dict[str, Callable] = {"tokenize": _tokenize, "embed": _embed, "index": _index, "neighbors": _neighbors}
 
 
 def run_build(cfg: "BuildConfig") -> int:
