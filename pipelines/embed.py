@@ -88,13 +88,13 @@ class EmbedParts:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = []
-        for part in batch["part"]:
+        for part, chunks_sha256 in zip(batch["part"], batch["chunks_sha256"]):
             start = time.perf_counter()
-            entry = self.embed_part(str(part))
+            entry = self.embed_part(str(part), str(chunks_sha256))
             rows.append(json.dumps(entry | {"seconds": time.perf_counter() - start}))
         return {"entry": np.asarray(rows)}
 
-    def embed_part(self, part: str) -> dict:
+    def embed_part(self, part: str, chunks_sha256: str) -> dict:
         stem = part.removesuffix(".parquet")
         ids, tokens = read_chunk_tokens(self.out, part)
         dtype = np.dtype(self.settings.embedding_dtype)
@@ -107,17 +107,19 @@ class EmbedParts:
         ids_entry = write_table(self.out, f"{FOLDER}/ids/{part}", pa.table({"chunk_id": pa.array(ids, pa.int64())}))
         entry = {"path": f"{stem}.npy", "rows": len(ids), "bytes": len(data), "sha256": sha256_bytes(data),
                  "ids_path": f"ids/{part}", "ids_bytes": ids_entry["bytes"], "ids_sha256": ids_entry["sha256"],
-                 "first_chunk_id": int(ids[0]) if len(ids) else -1}
+                 "first_chunk_id": int(ids[0]) if len(ids) else -1, "chunks_sha256": chunks_sha256}
         write_bytes_atomic(self.out, f"{RECORDS}/{self.fingerprint}/{stem}.json", json.dumps(entry).encode())
         return entry
 
 
-def _committed(out: Location, fingerprint: str, stem: str) -> dict | None:
-    """The commit record of a part whose files still validate, else None."""
-    rel = f"{RECORDS}/{fingerprint}/{stem}.json"
+def _committed(out: Location, fingerprint: str, chunks_part: str, chunks_sha256: str) -> dict | None:
+    """The commit record of a part made from this exact chunks part, whose files still validate, else None."""
+    rel = f"{RECORDS}/{fingerprint}/{chunks_part.removesuffix('.parquet')}.json"
     if not exists(out, rel):
         return None
     entry = json.loads(read_bytes(out, rel))
+    if entry.get("chunks_sha256") != chunks_sha256:
+        return None
     ids_entry = {"path": entry["ids_path"], "bytes": entry["ids_bytes"], "sha256": entry["ids_sha256"]}
     if part_is_valid(out, FOLDER, entry) and part_is_valid(out, FOLDER, ids_entry):
         return entry
@@ -149,22 +151,24 @@ def run_embed(*, out: Location, encoder: str, pooling: str, embedding_dtype: str
     tokenizer = check_tokenizer(chunks, encoder, allow_tokenizer_mismatch)
     device = "cuda" if gpus_per_worker > 0 else "cpu"
     settings = EmbedSettings(encoder, pooling, embedding_dtype, compute_dtype, batch_size, device)
-    fingerprint = hashlib.sha256(json.dumps({"chunks": [p["sha256"] for p in chunks["parts"]],
-                                             "settings": asdict(settings) | {"batch_size": 0}},
-                                            sort_keys=True).encode()).hexdigest()[:16]
+    # Settings only: each part's record also names the sha256 of the chunks part it was made from, so
+    # appending chunk parts (re-indexing) re-embeds only the new parts.
+    fingerprint = hashlib.sha256(json.dumps(asdict(settings) | {"batch_size": 0}, sort_keys=True).encode()).hexdigest()[:16]
+    chunk_sha = {p["path"]: p["sha256"] for p in chunks["parts"]}
+    parts = list(chunk_sha)
     done = read_manifest(out, FOLDER)
-    if done and done.get("fingerprint") == fingerprint and all(_committed(out, fingerprint, p["path"][:-4]) for p in done["parts"]):
+    if done and done.get("fingerprint") == fingerprint and [p["ids_path"].removeprefix("ids/") for p in done["parts"]] == parts \
+            and all(_committed(out, fingerprint, p, chunk_sha[p]) for p in parts):
         return EmbedSummary(done["totals"]["chunks"], 0, len(done["parts"]), 0.0, done["dim"], up_to_date=True)
     if done:
         out.fs.rm(out.path(f"{FOLDER}/_manifest.json"))  # it must not vouch for parts being replaced
 
-    parts = [p["path"] for p in chunks["parts"]]
-    entries = {p: _committed(out, fingerprint, p.removesuffix(".parquet")) for p in parts}
+    entries = {p: _committed(out, fingerprint, p, chunk_sha[p]) for p in parts}
     todo = [p for p in parts if entries[p] is None]
     if todo:
         workers = max(1, min(len(todo), concurrency))
         threads = max(1, int(cpus_per_worker))
-        ds = ray.data.from_items([{"part": p} for p in todo], override_num_blocks=len(todo))
+        ds = ray.data.from_items([{"part": p, "chunks_sha256": chunk_sha[p]} for p in todo], override_num_blocks=len(todo))
         resources = {"num_gpus": gpus_per_worker} if gpus_per_worker > 0 else {}
         results = ds.map_batches(
             EmbedParts, batch_size=1, num_cpus=cpus_per_worker, compute=ray.data.ActorPoolStrategy(size=workers),
