@@ -10,7 +10,8 @@ make_direct_map, not memory-mappable; autofaiss picks the key and tunes search p
 hits. Ours: ``run_index`` + ``run_neighbors`` on a local Ray instance (started before timing;
 the first run pays for starting the Ray workers, reported as ``cold``; a second build into a fresh
 folder as ``warm``). Recall@k of both against exact search (own document excluded) on a sample.
-Prints JSON and writes benchmarks/results/index_neighbors_small.json.
+Prints JSON and writes benchmarks/results/index_neighbors_small.json (synthetic) or
+index_neighbors_small_real.json (with --build).
 """
 from __future__ import annotations
 
@@ -154,7 +155,8 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         res = ROOT / "benchmarks" / "results"
         res.mkdir(parents=True, exist_ok=True)
-        (res / "index_neighbors_small.json").write_text(json.dumps(result, indent=2) + "\n")
+        name = "index_neighbors_small_real.json" if args.build else "index_neighbors_small.json"
+        (res / name).write_text(json.dumps(result, indent=2) + "\n")
     finally:
         import ray
 

@@ -48,11 +48,12 @@ from pipelines.latest import (
     file_entry, file_is_valid, find_complete, fingerprint_of, put_file, start_version,
 )
 from pipelines.manifest import read_manifest, write_manifest
+from pipelines.procstats import peak_rss_mb
 from pipelines.storage import Location, open_location, remove_tree, write_bytes_atomic
 
 FLAT_MAX_VECTORS = 4096  # below this, exact search over everything costs less than training anything
 FLAT_COMPARE_MAX = 262_144  # up to this, the single-node build also times exact search against the tuned index
-APPROX_WORTH_S = 10.0  # exact neighbors for every chunk cheaper than this (CPU-seconds): no approximate index
+APPROX_WORTH_S = 20.0  # exact neighbors for every chunk cheaper than this (CPU-seconds): no approximate index
 TRAIN_POINTS_PER_LIST = 50  # k-means needs >= 39 per centroid (faiss warns below)
 PQ_TRAIN_POINTS = 256 * 40  # 8-bit product quantizers: 256 centroids per sub-space
 EXACT_BLOCK_ROWS = 8192
@@ -362,6 +363,7 @@ class IndexSummary:
     tune_seconds: float = 0.0
     up_to_date: bool = False
     tried: list = field(default_factory=list)
+    peak_rss_mb: dict = field(default_factory=dict)  # per worker role (or the driver), MiB
 
     def lines(self) -> list[str]:
         if self.up_to_date:
@@ -372,7 +374,8 @@ class IndexSummary:
             f"{self.chunks} chunks, {self.size_bytes / 2**20:.1f} MiB, built in {self.build_seconds:.1f} s",
             f"index: search {self.index_param or 'exact'}: recall@{self.k} {self.recall_at_k:.3f} (index), "
             f"{self.neighbor_recall_at_k:.3f} (neighbors, own document excluded) vs exact search, "
-            f"{self.query_ms:.3f} ms/query; tuned in {self.tune_seconds:.1f} s; total {self.seconds:.1f} s",
+            f"{self.query_ms:.3f} ms/query; tuned in {self.tune_seconds:.1f} s; total {self.seconds:.1f} s; peak memory "
+            + ", ".join(f"{k} {v:,.0f} MiB" for k, v in self.peak_rss_mb.items()),
         ]
 
 
@@ -418,15 +421,17 @@ def run_index(*, out: Location, index_key: str = "", max_index_memory: str = "4G
         layout, files, ntotal = "single", ["knn.index"], int(index.ntotal)
         write_index_file(out, f"{folder}/knn.index", index)
         del index
+        peaks = {"driver": peak_rss_mb()}
     else:
         from pipelines.index_distributed import build_distributed, tune_remote
 
         t = time.perf_counter()
-        layout, files, ntotal = build_distributed(out, info, folder, key, metric, fp, concurrency)
+        layout, files, ntotal, peaks = build_distributed(out, info, folder, key, metric, fp, concurrency)
         build_seconds = time.perf_counter() - t
         t = time.perf_counter()
         sample = compute_recall_sample(out, info, bounds, settings, fp, use_ray=True, concurrency=concurrency)
-        param, chosen, tried, ntotal = tune_remote(out, folder, layout, files, info.dim, key, sample, settings)
+        param, chosen, tried, ntotal, peaks["tune_task"] = tune_remote(out, folder, layout, files, info.dim, key,
+                                                                       sample, settings)
         tune_seconds = time.perf_counter() - t
     if ntotal != info.n:
         raise RuntimeError(f"{out.url_of(folder)}: the index holds {ntotal} vectors but there are {info.n} chunks; "
@@ -442,7 +447,7 @@ def run_index(*, out: Location, index_key: str = "", max_index_memory: str = "4G
         "recall_sample": len(sample.ids), "query_ms": chosen["ms_per_query"], "max_query_ms": max_query_ms,
         "target_recall": target_recall, "extra_neighbors": extra_neighbors, "tuning": tried,
         "build_seconds": round(build_seconds, 3), "tune_seconds": round(tune_seconds, 3),
-        "faiss_version": _faiss_version(), "autofaiss_version": _autofaiss_version(),
+        "peak_rss_mb": peaks, "faiss_version": _faiss_version(), "autofaiss_version": _autofaiss_version(),
     }
     write_bytes_atomic(out, f"{folder}/index_infos.json", json.dumps(infos, indent=2, sort_keys=True).encode())
     entries += [file_entry(out, f"{folder}/{f}", f) for f in ("index_infos.json", "recall_sample.npz")]
@@ -458,7 +463,7 @@ def run_index(*, out: Location, index_key: str = "", max_index_memory: str = "4G
                           "neighbor_recall_at_k": chosen["neighbor_recall"], "query_ms": chosen["ms_per_query"]})
     return IndexSummary(version, key, param, mode, layout, info.n, ntotal, size, chosen["recall"],
                         chosen["neighbor_recall"], chosen["ms_per_query"], k, time.perf_counter() - start,
-                        build_seconds, tune_seconds, tried=tried)
+                        build_seconds, tune_seconds, tried=tried, peak_rss_mb=peaks)
 
 
 def _faiss_version() -> str:

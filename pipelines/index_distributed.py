@@ -25,6 +25,7 @@ import ray
 
 from pipelines.embeddings_io import EmbeddingPart, EmbeddingsInfo, NpyPart, part_rel, uniform_sample
 from pipelines.knn_core import ivf_of, use_blas_for_batches
+from pipelines.procstats import peak_rss_mb
 from pipelines.latest import fetch_files, file_entry, file_is_valid, load_index_files, put_file
 from pipelines.storage import Location, exists, open_location, read_bytes, write_bytes_atomic
 
@@ -53,7 +54,7 @@ def gather_part_task(out_url: str, part: dict, local_rows: np.ndarray) -> np.nda
 
 
 @ray.remote
-def train_task(out_url: str, rel: str, key: str, dim: int, metric: str, sample_refs: list, threads: int) -> None:
+def train_task(out_url: str, rel: str, key: str, dim: int, metric: str, sample_refs: list, threads: int) -> float:
     import faiss
 
     from pipelines.index import faiss_metric, write_index_file
@@ -63,6 +64,7 @@ def train_task(out_url: str, rel: str, key: str, dim: int, metric: str, sample_r
     index = faiss.index_factory(dim, key, faiss_metric(metric))
     index.train(x)
     write_index_file(open_location(out_url), rel, index)
+    return peak_rss_mb()
 
 
 @ray.remote(num_cpus=1)
@@ -87,11 +89,11 @@ def add_part_task(out_url: str, part: dict, key: str, dim: int, metric: str, tra
     if index.ntotal != p.rows:
         raise RuntimeError(f"part {p.path}: added {index.ntotal} of {p.rows} rows")
     write_index_file(out, shard_rel, index)
-    return file_entry(out, shard_rel, shard_rel.rsplit("/", 1)[-1], ntotal=int(index.ntotal))
+    return file_entry(out, shard_rel, shard_rel.rsplit("/", 1)[-1], ntotal=int(index.ntotal), peak_rss_mb=peak_rss_mb())
 
 
 @ray.remote(num_cpus=1)
-def merge_task(out_url: str, folder: str, trained_rel: str, shard_rels: list[str]) -> int:
+def merge_task(out_url: str, folder: str, trained_rel: str, shard_rels: list[str]) -> tuple[int, float]:
     """Merge the IVF shards' inverted lists into one on-disk ``knn.ivfdata`` next to ``knn.index``."""
     import faiss
     from faiss.contrib.ondisk import merge_ondisk
@@ -115,7 +117,7 @@ def merge_task(out_url: str, folder: str, trained_rel: str, shard_rels: list[str
         if not out.is_local:
             put_file(out, f"{folder}/knn.ivfdata", ivfdata, move=True)
         put_file(out, f"{folder}/knn.index", local_index, move=True)
-        return ntotal
+        return ntotal, peak_rss_mb()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -146,15 +148,15 @@ def train_distributed(out: Location, info: EmbeddingsInfo, build: str, key: str,
         part = info.parts[p]
         refs.append(gather_part_task.remote(out.url, part.to_dict(), ids[owner == p] - part.offset))
     threads = min(concurrency, _max_node_cpus())
-    ray.get(train_task.options(num_cpus=threads).remote(out.url, rel, key, info.dim, metric, refs, threads))
-    entry = file_entry(out, rel, "trained.index")
+    peak = ray.get(train_task.options(num_cpus=threads).remote(out.url, rel, key, info.dim, metric, refs, threads))
+    entry = file_entry(out, rel, "trained.index", peak_rss_mb=peak)
     write_bytes_atomic(out, f"{build}/trained.index.json", json.dumps(entry).encode())
     return rel
 
 
 def build_distributed(out: Location, info: EmbeddingsInfo, folder: str, key: str, metric: str, seed: str,
-                      concurrency: int) -> tuple[str, list[str], int]:
-    """Returns (layout, index files relative to ``folder``, ntotal)."""
+                      concurrency: int) -> tuple[str, list[str], int, dict]:
+    """Returns (layout, index files relative to ``folder``, ntotal, peak RSS MiB per worker role)."""
     import faiss
 
     from pipelines.index import faiss_metric
@@ -194,12 +196,15 @@ def build_distributed(out: Location, info: EmbeddingsInfo, folder: str, key: str
         write_bytes_atomic(out, f"{build}/{names[p.index]}.json", json.dumps(e).encode())
         entries[p.index] = e
     ntotal = sum(int(entries[p.index]["ntotal"]) for p in parts)
+    peaks = {"add_task": max(float(e.get("peak_rss_mb", 0)) for e in entries.values())}
+    if trained_rel and _sidecar_valid(out, build, "trained.index"):
+        peaks["train_task"] = float(_sidecar_valid(out, build, "trained.index").get("peak_rss_mb", 0))
     shard_rels = [f"{build}/{names[p.index]}" for p in parts]
     if is_ivf:
-        merged = ray.get(merge_task.remote(out.url, folder, trained_rel, shard_rels))
+        merged, peaks["merge_task"] = ray.get(merge_task.remote(out.url, folder, trained_rel, shard_rels))
         if merged != ntotal:
             raise RuntimeError(f"on-disk merge produced {merged} vectors, the shards hold {ntotal}")
-        return "ondisk", ["knn.index", "knn.ivfdata"], ntotal
+        return "ondisk", ["knn.index", "knn.ivfdata"], ntotal, peaks
     files = []
     for p, rel in zip(parts, shard_rels):
         name = f"shards/{names[p.index]}"
@@ -208,7 +213,7 @@ def build_distributed(out: Location, info: EmbeddingsInfo, folder: str, key: str
         else:
             out.fs.copy(out.path(rel), out.path(f"{folder}/{name}"))
         files.append(name)
-    return "shards", files, ntotal
+    return "shards", files, ntotal, peaks
 
 
 @ray.remote(num_cpus=1)
@@ -222,7 +227,7 @@ def tune_task(out_url: str, folder: str, layout: str, files: list[str], dim: int
         local = fetch_files(out, folder, [{"path": f} for f in files], cache_dir=d)
         index = load_index_files(local, layout, files, dim)
         param, chosen, tried = tune(index, key, sample, settings)
-        return param, chosen, tried, int(index.ntotal)
+        return param, chosen, tried, int(index.ntotal), peak_rss_mb()
 
 
 def tune_remote(out: Location, folder: str, layout: str, files: list[str], dim: int, key: str, sample, settings):

@@ -17,6 +17,7 @@ import numpy as np
 
 TIE_CANDIDATES = 8  # ground truth keeps k + this many, so equal-distance alternatives count as hits
 RETRY_ROUNDS = 3  # re-searches of rows left short: 1x, 4x, 16x the probes
+EXACT_REFETCH_MAX = 2048  # exact indices re-ask short rows for this many candidates at most
 
 
 def use_blas_for_batches() -> None:
@@ -105,8 +106,10 @@ def search_neighbors(index, x: np.ndarray, query_ids: np.ndarray, lo: np.ndarray
     """k filtered neighbors per query row; returns (ids, distances, rows_short mask).
 
     One batched search for k + extra + 1 candidates serves most rows. Rows the filter leaves
-    short (their own document crowds the candidates) are searched again per document with the
-    document excluded at search time, with 1x, 4x, then 16x the probes (IVF nprobe / HNSW efSearch).
+    short (their own document crowds the candidates) are searched again: on an exact index with
+    k + document length + 1 candidates (enough by construction); otherwise, and for documents too
+    long for that, per document with the document excluded at search time by an ID selector, with
+    1x, 4x, then 16x the probes (IVF nprobe / HNSW efSearch).
     ``candidates`` (a list) receives the unfiltered first-pass ids, for measuring the index alone."""
     ntotal = int(index.ntotal)
     fetch = max(1, min(k + extra + 1, ntotal))
@@ -117,6 +120,17 @@ def search_neighbors(index, x: np.ndarray, query_ids: np.ndarray, lo: np.ndarray
     short = n_valid < k
     if fetch >= ntotal:  # every vector was a candidate: nothing more to find
         return ids, dist, short
+    boostable = _boostable(index)
+    if not boostable and short.any():
+        # exact index: k + (document length) + 1 candidates always hold k from other documents,
+        # and one batched (BLAS) search for all short rows beats per-document filtered scans
+        rows = np.nonzero(short)[0]
+        rows = rows[(hi[rows] - lo[rows]) + k + 1 <= EXACT_REFETCH_MAX]
+        if len(rows):
+            wide = int(min(ntotal, (hi[rows] - lo[rows]).max() + k + 1))
+            d2, i2 = index.search(x[rows], wide)
+            ids[rows], dist[rows], n_valid[rows] = filter_candidates(i2, d2, query_ids[rows], lo[rows], hi[rows], k, metric)
+            short = n_valid < k
     boost = 1
     for _ in range(RETRY_ROUNDS):
         if not short.any():
@@ -133,7 +147,7 @@ def search_neighbors(index, x: np.ndarray, query_ids: np.ndarray, lo: np.ndarray
             n_valid[upd] = nv2[better]
         short = n_valid < k
         boost *= 4
-        if not _boostable(index):
+        if not boostable:
             break  # exact indices: more probes cannot find more
     return ids, dist, short
 

@@ -30,6 +30,7 @@ from pipelines.latest import (
 )
 from pipelines.manifest import part_is_valid, part_name, read_manifest, write_manifest
 from pipelines.parquet_io import write_table
+from pipelines.procstats import peak_rss_mb
 from pipelines.storage import Location, exists, open_location, read_bytes, remove_stale_temporaries, write_bytes_atomic
 
 QUERY_BLOCK_ROWS = 8192
@@ -73,7 +74,7 @@ class NeighborsWorker:
         if exists(self.out, sidecar):  # resume: keep a committed part that still validates
             entry = json.loads(read_bytes(self.out, sidecar))
             if part_is_valid(self.out, self.folder, entry) and entry["rows"] == part.rows:
-                return entry | {"kept": True}
+                return entry | {"kept": True, "peak_rss_mb": peak_rss_mb()}
         t = time.perf_counter()
         chunk_ids = read_part_ids(self.out, part)
         npy = NpyPart(self.out, part_rel(part))
@@ -90,7 +91,7 @@ class NeighborsWorker:
         entry = entry | {"path": name, "first_chunk_id": part.offset, "pad_rows": int((ids < 0).any(1).sum()),
                          "short_rows": int(short.sum())}
         write_bytes_atomic(self.out, sidecar, json.dumps(entry).encode())
-        return entry | {"kept": False, "seconds": round(time.perf_counter() - t, 3)}
+        return entry | {"kept": False, "seconds": round(time.perf_counter() - t, 3), "peak_rss_mb": peak_rss_mb()}
 
     def run(self, part: dict) -> dict:
         return self.part(EmbeddingPart.from_dict(part))
@@ -141,6 +142,10 @@ class NeighborsSummary:
     seconds: float
     published: bool
     up_to_date: bool = False
+    actors: int = 0
+    cpus_per_actor: int = 0
+    worker_seconds: float = 0.0
+    actor_peak_rss_mb: float = 0.0
 
     def lines(self) -> list[str]:
         if self.up_to_date:
@@ -153,7 +158,8 @@ class NeighborsSummary:
             f"(k={self.k}), {self.rows_with_pads} rows with -1 pads; {self.parts} parts "
             f"({self.parts_kept} kept from an earlier run)",
             f"neighbors: recall@{self.k} {recall} vs exact search on the index's sample; {self.seconds:.1f} s "
-            f"({rate:,.0f} chunks/s); LATEST -> index {self.index_version}, neighbors {self.version}",
+            f"({rate:,.0f} chunks/s, {self.actors} actor(s) x {self.cpus_per_actor} CPU, peak {self.actor_peak_rss_mb:,.0f} "
+            f"MiB each); LATEST -> index {self.index_version}, neighbors {self.version}",
         ]
 
 
@@ -245,8 +251,9 @@ def run_neighbors(*, out: Location, index_version: str | None = None, k: int = 2
     entries.sort(key=lambda e: e["first_chunk_id"])
     kept = sum(1 for e in entries if e.pop("kept"))
     busy = sum(e.pop("seconds", 0.0) for e in entries)
+    peak = max(e.pop("peak_rss_mb", 0.0) for e in entries)
     print(f"neighbors: {len(entries) - kept} parts searched in {busy:.1f} worker-seconds by {n_actors} actor(s) "
-          f"of {cpus} CPU(s); {kept} kept", flush=True)
+          f"of {cpus} CPU(s); {kept} kept; actor peak memory {peak:,.0f} MiB", flush=True)
 
     # validate before publishing: one part per embeddings part, one row per chunk, all committed
     if [e["first_chunk_id"] for e in entries] != [p.offset for p in parts] or \
@@ -263,4 +270,33 @@ def run_neighbors(*, out: Location, index_version: str | None = None, k: int = 2
                           "recall_at_k": recall})
     published = _publish(out, index_version, version, im, k) if publish else False
     return NeighborsSummary(version, index_version, info.n, k, pads, len(parts), kept, recall,
-                            time.perf_counter() - start, published)
+                            time.perf_counter() - start, published, actors=n_actors, cpus_per_actor=cpus,
+                            worker_seconds=busy, actor_peak_rss_mb=peak)
+
+
+@dataclass
+class IndexNeighborsSummary:
+    """Both stages of one build, as the job prints them."""
+
+    index: "object"
+    neighbors: NeighborsSummary
+
+    def lines(self) -> list[str]:
+        return self.index.lines() + self.neighbors.lines()
+
+
+def run_index_and_neighbors(*, out: Location, index_key: str = "", max_index_memory: str = "4G",
+                            max_query_ms: float = 10.0, metric: str = "l2", single_node_max_vectors: int = 2_000_000,
+                            distributed: bool = False, k: int = 2, extra_neighbors: int = 10,
+                            target_recall: float = 0.97, recall_sample: int = 1000, concurrency: int = 0,
+                            config: dict | None = None) -> IndexNeighborsSummary:
+    """The index stage, then the neighbors stage pinned to the version it produced, then LATEST."""
+    from pipelines.index import run_index
+
+    s = run_index(out=out, index_key=index_key, max_index_memory=max_index_memory, max_query_ms=max_query_ms,
+                  metric=metric, single_node_max_vectors=single_node_max_vectors, distributed=distributed, k=k,
+                  extra_neighbors=extra_neighbors, target_recall=target_recall, recall_sample=recall_sample,
+                  concurrency=concurrency, config=config)
+    n = run_neighbors(out=out, index_version=s.version, k=k, extra_neighbors=extra_neighbors,
+                      concurrency=concurrency, config=config)
+    return IndexNeighborsSummary(s, n)

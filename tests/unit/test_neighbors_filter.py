@@ -81,6 +81,25 @@ def test_retry_fills_rows_that_their_own_document_crowds_out(key):
         assert found == 1.0
 
 
+def test_exact_retry_paths_agree(monkeypatch):
+    """Short rows on an exact index: the wide batched re-search and the per-document selector
+    search (used for documents too long to re-fetch) give the same neighbors."""
+    import pipelines.knn_core as core
+
+    x, first = _clustered(n_docs=10, per_doc=40, seed=5)
+    x += 0.3 * np.random.default_rng(2).standard_normal(x.shape).astype(np.float32)
+    index = faiss.IndexFlatL2(x.shape[1])
+    index.add(x)
+    q = np.arange(len(x))
+    lo, hi = DocBounds(first, len(x)).range_of(q)
+    wide = search_neighbors(index, x, q, lo, hi, k=3, extra=2, metric="l2")
+    monkeypatch.setattr(core, "EXACT_REFETCH_MAX", 4)
+    narrow = search_neighbors(index, x, q, lo, hi, k=3, extra=2, metric="l2")
+    assert np.array_equal(wide[0], narrow[0]) and np.allclose(wide[1], narrow[1], rtol=1e-5)
+    exact, _ = brute_force_neighbors(x, first, 3)
+    assert np.array_equal(wide[0], exact)
+
+
 def test_search_excluding_on_shards_uses_global_ids():
     x, first = _clustered(n_docs=6, per_doc=50)
     index = faiss.IndexShards(x.shape[1], False, True)
