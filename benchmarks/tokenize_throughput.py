@@ -11,16 +11,14 @@ the stage does (listing, planning, both passes, manifests) is included. Prints J
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.bench_util import run_in_fresh_ray, write_result  # noqa: E402
 
 
 def make_corpus(dest: str, copies: int) -> int:
@@ -59,28 +57,15 @@ def seed_baseline(corpus: str, chunk_size: int = 64) -> dict:
 
 def ours(corpus: str, cpus: int) -> dict:
     """Run the stage in a fresh process with a local Ray instance of ``cpus`` CPUs."""
-    code = f"""
-import json, sys, tempfile, time, ray
-sys.path.insert(0, {ROOT!r})
-from pipelines.ray_session import init_ray
-from pipelines.storage import open_location
+    body = f"""
+import tempfile
 from pipelines.tokenize import run_tokenize
-init_ray(num_cpus={cpus})
-@ray.remote(num_cpus=1)
-def warm():
-    import pipelines.tokenize, pipelines.tokenizer
-    time.sleep(0.5)
-ray.get([warm.remote() for _ in range({cpus})])
 out = open_location(tempfile.mkdtemp(prefix="rf-bench-"))
 s = run_tokenize(corpus=[{corpus!r}], out=out, chunk_size=64, seq_len=2048, text_field="text",
                  tokenizer="packaged:all-MiniLM-L6-v2", unit_bytes=0, concurrency={cpus}, config={{}})
 print("RESULT", json.dumps({{"chunks": s.chunks, "seconds": round(s.seconds, 2), "chunks_per_s": round(s.chunks / s.seconds)}}))
 """
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    line = [l for l in res.stdout.splitlines() if l.startswith("RESULT ")]
-    if not line:
-        raise RuntimeError(res.stderr[-3000:])
-    return json.loads(line[0][7:])
+    return run_in_fresh_ray(body, cpus, "pipelines.tokenize, pipelines.tokenizer")
 
 
 def main() -> None:
@@ -93,11 +78,7 @@ def main() -> None:
         result = {"corpus_mb": round(size / 2**20, 1), "seed_single_process": seed_baseline(d),
                   "ours_1_cpu": ours(d, 1), "ours_2_cpus": ours(d, 2)}
     result["ratio_2cpus_vs_seed"] = round(result["ours_2_cpus"]["chunks_per_s"] / result["seed_single_process"]["chunks_per_s"], 2)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if a.json:
-        with open(a.json, "w") as f:
-            f.write(text + "\n")
+    write_result(result, a.json)
 
 
 if __name__ == "__main__":
