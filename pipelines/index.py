@@ -2,8 +2,11 @@
 
 Choosing the index. autofaiss picks the index family that fits ``max_index_memory``; we ask it
 for memory-mappable keys (IVF lists map from disk, so every neighbors worker on a node shares one
-copy, and so does the training job). Two departures from autofaiss' defaults, both for the
-neighbors workload (every chunk queried once, in big batches):
+copy, and so does the training job). Departures from autofaiss' defaults, all for the neighbors
+workload (every chunk queried once, in big batches):
+- IVF-Flat (exact vectors) whenever it fits ``max_index_memory``; autofaiss moves to product
+  quantization at 1M vectors whatever the memory bound, and the neighbors stage searches IVF-Flat
+  list by list with BLAS (:mod:`pipelines.ivf_blas`);
 - the number of IVF lists is about sqrt(N), where the coarse assignment and the list scans cost
   about the same; autofaiss' 4-16 sqrt(N) is tuned for single-query latency at large N and makes
   k-means training the slowest step at small N;
@@ -102,11 +105,13 @@ def choose_index_key(n: int, dim: int, max_index_memory: str) -> str:
         return "Flat"
     from autofaiss.external.optimize import get_optimal_index_keys_v2
 
+    nlist = batched_nlist(n)
+    if n * (dim * 4 + 8) + nlist * dim * 4 <= memory_bytes(max_index_memory):
+        return f"IVF{nlist},Flat"  # exact vectors while they fit (autofaiss quantizes from 1M on regardless)
     keys = get_optimal_index_keys_v2(n, dim, max_index_memory, should_be_memory_mappable=True)
     if not keys:
         raise ValueError(f"no index of {n} vectors of dim {dim} fits --max-index-memory {max_index_memory}")
     key = keys[0]
-    nlist = batched_nlist(n)
     quantizer = "_HNSW32" if nlist >= 1 << 14 else ""
     return re.sub(r"IVF\d+(_HNSW\d+)?", f"IVF{nlist}{quantizer}", key, count=1)
 
@@ -412,8 +417,8 @@ def run_index(*, out: Location, index_key: str = "", max_index_memory: str = "4G
     version, _ = start_version(out, "index", fp)
     folder = f"index/{version}"
     concurrency = concurrency or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    print(f"index: building {folder} ({mode}) over {info.n} chunks of dim {info.dim} with "
-          f"{key if index_key else 'autofaiss choice ' + key + ' (or exact search where cheaper)'}", flush=True)
+    how = key if index_key else f"autofaiss' choice {key}" + (" (or exact search where cheaper)" if mode == "single" else "")
+    print(f"index: building {folder} ({mode}) over {info.n} chunks of dim {info.dim} with {how}", flush=True)
 
     if mode == "single":
         index, key, param, chosen, tried, build_seconds, tune_seconds, sample = build_and_tune_single(

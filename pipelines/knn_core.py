@@ -101,6 +101,16 @@ def search_excluding(index, x: np.ndarray, k: int, lo: int, hi: int, boost: int,
     return index.search(x, k, params=params)
 
 
+def batched_search(index, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search``, list-major with BLAS for a plain IVF-Flat index and a big batch (ivf_blas)."""
+    from pipelines import ivf_blas
+
+    ivf = ivf_blas.plain_ivf_flat(index)
+    if ivf is not None and ivf_blas.worth_it(ivf, len(x)):
+        return ivf_blas.search(ivf, x, k)
+    return index.search(x, k)
+
+
 def search_neighbors(index, x: np.ndarray, query_ids: np.ndarray, lo: np.ndarray, hi: np.ndarray, *, k: int,
                      extra: int, metric: str, candidates: list | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """k filtered neighbors per query row; returns (ids, distances, rows_short mask).
@@ -113,7 +123,7 @@ def search_neighbors(index, x: np.ndarray, query_ids: np.ndarray, lo: np.ndarray
     ``candidates`` (a list) receives the unfiltered first-pass ids, for measuring the index alone."""
     ntotal = int(index.ntotal)
     fetch = max(1, min(k + extra + 1, ntotal))
-    cand_d, cand_i = index.search(x, fetch)
+    cand_d, cand_i = batched_search(index, x, fetch)
     if candidates is not None:
         candidates.append(cand_i)
     ids, dist, n_valid = filter_candidates(cand_i, cand_d, query_ids, lo, hi, k, metric)

@@ -112,10 +112,9 @@ def test_inner_product_metric_and_pads(tmp_path):
 def test_auto_key_choice():
     assert choose_index_key(1000, 384, "4G") == "Flat"
     assert choose_index_key(18_370, 384, "4G") == "IVF128,Flat"
-    assert choose_index_key(900_000, 384, "4G") == "IVF1024,Flat"  # fits 4G unquantized
-    assert choose_index_key(900_000, 384, "1G").endswith(",IVF1024,PQ256x8")  # does not: autofaiss quantizes
-    # 10^9 vectors in 64G: autofaiss goes to product quantization; we keep its family
-    big = choose_index_key(10**9, 384, "64G")
+    assert choose_index_key(10**6, 384, "4G") == "IVF1024,Flat"  # 1.5 GB of exact vectors fit in 4G
+    assert choose_index_key(900_000, 384, "1G").endswith(",IVF1024,PQ256x8")  # they do not: autofaiss quantizes
+    big = choose_index_key(10**9, 384, "64G")  # 10^9 vectors in 64G: its product quantization, our list count
     assert "PQ" in big and "IVF32768_HNSW32" in big
 
 

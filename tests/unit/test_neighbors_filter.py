@@ -176,3 +176,25 @@ def test_doc_bounds_from_docs_parts(tmp_path):
     assert np.array_equal(hi, b.doc_first[doc] + b.doc_sizes[doc])
     with pytest.raises(ValueError, match="tile"):
         DocBounds.load(open_location(str(tmp_path)), 301)
+
+
+@pytest.mark.parametrize("metric", [faiss.METRIC_L2, faiss.METRIC_INNER_PRODUCT])
+def test_list_major_ivf_search_equals_faiss(tmp_path, metric):
+    from pipelines import ivf_blas
+    from pipelines.latest import read_faiss
+
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((6000, 128)).astype(np.float32)
+    index = faiss.index_factory(128, "IVF32,Flat", metric)
+    index.train(x[:2000])
+    index.add(x)
+    faiss.write_index(index, str(tmp_path / "i.index"))
+    mapped = read_faiss(str(tmp_path / "i.index"), mmap=True)  # lists read from the memory-mapped file
+    for idx in (index, mapped):
+        ivf = faiss.extract_index_ivf(idx)
+        ivf.nprobe = 4
+        d_ref, i_ref = idx.search(x[:1500], 7)
+        assert ivf_blas.worth_it(faiss.downcast_index(ivf), 1500)
+        d, i = ivf_blas.search(faiss.downcast_index(ivf), x[:1500], 7)
+        assert (i == i_ref).mean() > 0.999
+        assert np.allclose(d, d_ref, rtol=1e-4, atol=1e-3)
