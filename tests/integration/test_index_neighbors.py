@@ -271,3 +271,28 @@ def test_killed_by_pid_then_resumed(tmp_path):
     exact_ids, exact_d = brute_force_neighbors(load_embeddings(b), b.doc_first, 2, queries=sample)
     assert same_up_to_ties(nb[sample], dist[sample], exact_ids, exact_d.astype(np.float32))
     assert json.loads(open(b.out.path("LATEST")).read())["neighbors"] == "v0001"
+
+
+def test_index_and_neighbors_through_s3(tmp_path, s3_server):
+    import s3fs
+
+    b = write_synthetic_build(str(tmp_path / "local"), n_chunks=1200, dim=16, parts=3, mean_doc_chunks=30, seed=6)
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("index-bucket")
+    fs.put(b.out.root, "index-bucket/build", recursive=True)
+    remote = open_location("s3://index-bucket/build")
+    s_local, n_local = build_and_publish(b.out)
+    s, n = build_and_publish(remote)  # single node: autofaiss reads the embeddings through s3fs
+    names = sorted(p for p in fs.ls(f"index-bucket/build/neighbors/{n.version}") if p.rsplit("/", 1)[-1].startswith("part-"))
+    assert {p.rsplit("/", 1)[-1]: fs.cat(p) for p in names} == \
+        {p: open(b.out.path(f"neighbors/{n_local.version}/{p}"), "rb").read()
+         for p in os.listdir(b.out.path(f"neighbors/{n_local.version}")) if p.startswith("part-")}
+    # distributed IVF: shards staged on S3, merged on a worker, lists uploaded, actors fetch and map them
+    s2, n2 = build_and_publish(remote, index_key="IVF8,Flat", distributed=True)
+    assert s2.layout == "ondisk" and fs.exists(f"index-bucket/build/index/{s2.version}/knn.ivfdata")
+    assert not fs.exists(f"index-bucket/build/index/{s2.version}/_build")
+    assert resolve_latest("s3://index-bucket/build")["index"] == s2.version
+    index = open_index("s3://index-bucket/build", cache_dir=str(tmp_path / "cache"))
+    assert index.ntotal == 1200 and n2.recall_at_k >= 0.9
+    nb, _ = NeighborsReader("s3://index-bucket/build").lookup(np.arange(0, 1200, 50))
+    assert nb.shape == (24, 2) and (nb >= 0).all()
