@@ -8,10 +8,12 @@ Setting (the readme preset's memory): 4 batch rows, 65,536 entries per row, dim 
 4,096 queries per row (8 heads x 512 tokens), top 32, adds of 512 entries per row (one segment).
 
 The seed approach, re-implemented minimally: one ``faiss.IndexHNSWFlat(dim, 15, METRIC_INNER_PRODUCT)``
-per row (the seed's KNN class), ``add`` 512 keys per row, ``search`` per row, then fetch the (key, value)
-pairs of the hits from a float32 array (the seed uses a numpy memmap; an in-memory array is kinder to it).
-Ours: ``KNNMemory`` with its default CPU path (faiss IVF-flat per row for large rows, ring buffer in torch,
-FIFO eviction on every add since the memory is full).
+per row (the seed's KNN class), ``add`` 512 keys per row and write the pairs into a float32
+``np.memmap`` database (flushed after each add, as the seed does), ``search`` per row, then fetch the
+(key, value) pairs of the hits from the memmap.
+Ours: ``KNNMemory`` on its CPU path (faiss IVF per row for large rows, ring buffer in torch, FIFO
+eviction on every add since the memory is full), bfloat16 storage as the readme preset uses it:
+``ours`` with IVF-flat lists (the default codec), ``ours_sq8`` with 8-bit scalar-quantized lists.
 
 Data: cosine-normalised keys and queries drawn from a mixture of Gaussian clusters (attention keys are
 clustered; on uniform random vectors in 64 dimensions no index finds neighbours cheaply, the seed's HNSW
@@ -30,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+import tempfile
+
 import faiss
 import numpy as np
 import torch
@@ -42,9 +46,9 @@ from models.knn_memory import KNNMemory, KNNMemoryConfig  # noqa: E402
 class SeedKNNMemory:
     """The seed's per-row memory: an HNSW index per row plus a (rows, max, 2, dim) array of pairs."""
 
-    def __init__(self, rows: int, dim: int, max_memories: int):
+    def __init__(self, rows: int, dim: int, max_memories: int, path: str):
         self.indexes = [faiss.IndexHNSWFlat(dim, 15, faiss.METRIC_INNER_PRODUCT) for _ in range(rows)]
-        self.db = np.zeros((rows, max_memories, 2, dim), dtype=np.float32)
+        self.db = np.memmap(path, mode="w+", dtype=np.float32, shape=(rows, max_memories, 2, dim))
         self.offsets = np.zeros(rows, dtype=np.int64)
         self.max_memories = max_memories
 
@@ -54,6 +58,7 @@ class SeedKNNMemory:
             index.add(np.ascontiguousarray(kv[r, :, 0]))
             pos = (self.offsets[r] + np.arange(n)) % self.max_memories
             self.db[r, pos] = kv[r]
+        self.db.flush()
         self.offsets += n
 
     def search(self, q: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
@@ -85,6 +90,31 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
     return hits / truth.size
 
 
+class OursAdapter:
+    """KNNMemory behind the same add/search calls as the seed wrapper."""
+
+    def __init__(self, rows: int, cfg: KNNMemoryConfig):
+        self.mem = KNNMemory(rows, cfg)
+
+    def add(self, keys: np.ndarray, values: np.ndarray) -> None:
+        self.mem.add(torch.from_numpy(keys), torch.from_numpy(values))
+
+    def search(self, q: np.ndarray, k: int) -> np.ndarray:
+        res = self.mem.search(torch.from_numpy(q), k)  # ids, keys and values fetched
+        return res.ids.numpy()
+
+
+class SeedAdapter:
+    def __init__(self, rows: int, dim: int, capacity: int, path: str):
+        self.mem = SeedKNNMemory(rows, dim, capacity, path)
+
+    def add(self, keys: np.ndarray, values: np.ndarray) -> None:
+        self.mem.add(np.stack([keys, values], axis=2))
+
+    def search(self, q: np.ndarray, k: int) -> np.ndarray:
+        return self.mem.search(q, k)[2]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=4)
@@ -105,103 +135,96 @@ def main() -> None:
     # the stream: enough keys to fill the memory, then the timed adds; queries from the same mixture
     extra = A * (args.repeats + 2)
     data = make_data(rng, R, C + extra + Qn, d, args.clusters, args.spread)
-    keys_all, queries = data[:, : C + extra], data[:, C + extra :]
+    keys_all, queries = data[:, : C + extra], np.ascontiguousarray(data[:, C + extra :])
     vals_all = rng.standard_normal((R, C + extra, d)).astype(np.float32)
 
     cfg_kw = {} if args.nprobe is None else {"nprobe": args.nprobe}
-    cfg = KNNMemoryConfig(dim=d, capacity=C, **cfg_kw)
-    ours = KNNMemory(R, cfg)
-    seed = SeedKNNMemory(R, d, C)
+    cfg = KNNMemoryConfig(dim=d, capacity=C, storage_dtype="bfloat16", **cfg_kw)
+    tmp = tempfile.TemporaryDirectory()
+    mems = {
+        "ours": OursAdapter(R, cfg),
+        "ours_sq8": OursAdapter(R, KNNMemoryConfig(dim=d, capacity=C, storage_dtype="bfloat16", ivf_codec="sq8",
+                                                   **cfg_kw)),
+        "seed": SeedAdapter(R, d, C, os.path.join(tmp.name, "seed.memmap")),
+    }
+    fill_s = {}
+    for name, mem in mems.items():
+        t0 = time.perf_counter()
+        for s in range(0, C, A):
+            mem.add(np.ascontiguousarray(keys_all[:, s : s + A]), np.ascontiguousarray(vals_all[:, s : s + A]))
+        fill_s[name] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    for s in range(0, C, A):
-        ours.add(torch.from_numpy(keys_all[:, s : s + A]), torch.from_numpy(vals_all[:, s : s + A]))
-    ours_fill_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for s in range(0, C, A):
-        seed.add(np.stack([keys_all[:, s : s + A], vals_all[:, s : s + A]], axis=2))
-    seed_fill_s = time.perf_counter() - t0
-
-    q_t = torch.from_numpy(queries)
-    times: dict[str, list[float]] = {"ours_search": [], "seed_search": [], "ours_add": [], "seed_add": []}
+    times: dict[str, dict[str, list[float]]] = {name: {"search": [], "add": []} for name in mems}
+    recalls: dict[str, list[float]] = {name: [] for name in mems}
     pos = C
-    rec_ours, rec_seed = [], []
     for rep in range(args.repeats + 1):
-        t0 = time.perf_counter()
-        res = ours.search(q_t, k)
-        t_ours = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        _, _, seed_ids = seed.search(queries, k)
-        t_seed = time.perf_counter() - t0
-        # ground truth: exact float32 search over each row's live entries (ids = stream positions)
+        found = {}
+        for name, mem in mems.items():  # alternate, so that machine noise hits every variant
+            t0 = time.perf_counter()
+            found[name] = mem.search(queries, k)
+            if rep > 0:  # the first round is a warm-up
+                times[name]["search"].append((time.perf_counter() - t0) * 1000)
         if rep in (0, args.repeats):
+            # ground truth: exact float32 search over each row's live entries (ids = stream positions)
             lo = pos - C
             truth = np.empty((R, Qn, k), dtype=np.int64)
             for r in range(R):
                 flat = faiss.IndexFlatIP(d)
                 flat.add(np.ascontiguousarray(keys_all[r, lo:pos]))
-                truth[r] = flat.search(np.ascontiguousarray(queries[r]), k)[1] + lo
-            rec_ours.append(recall(res.ids.numpy(), truth))
-            # the seed's HNSW ids are stream positions as well (it never evicts)
-            rec_seed.append(recall(seed_ids, truth))
-        if rep > 0:  # first round is warm-up
-            times["ours_search"].append(t_ours * 1000)
-            times["seed_search"].append(t_seed * 1000)
+                truth[r] = flat.search(queries[r], k)[1] + lo
+            for name in mems:  # both number entries by stream position (ours: since the last clear)
+                recalls[name].append(recall(found[name], truth))
         if rep == args.repeats:
             break
-        kk, vv = keys_all[:, pos : pos + A], vals_all[:, pos : pos + A]
-        t0 = time.perf_counter()
-        ours.add(torch.from_numpy(kk), torch.from_numpy(vv))
-        t_ours = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        seed.add(np.stack([kk, vv], axis=2))
-        t_seed = time.perf_counter() - t0
+        kk, vv = np.ascontiguousarray(keys_all[:, pos : pos + A]), np.ascontiguousarray(vals_all[:, pos : pos + A])
+        for name, mem in mems.items():
+            t0 = time.perf_counter()
+            mem.add(kk, vv)
+            if rep > 0:
+                times[name]["add"].append((time.perf_counter() - t0) * 1000)
         pos += A
-        if rep > 0:
-            times["ours_add"].append(t_ours * 1000)
-            times["seed_add"].append(t_seed * 1000)
 
     # for reference: our exact path on the same full memory (what "auto" avoids on CPU at this size)
-    exact_ms = {}
-    for dt in ("bfloat16",):
-        ex = KNNMemory(R, KNNMemoryConfig(dim=d, capacity=C, backend="exact", exact_dtype=dt))
-        ex.keys.copy_(ours.keys)
-        ex.values.copy_(ours.values)
-        ex.counts = ours.counts.copy()
-        t0 = time.perf_counter()
-        ex.search(q_t, k)
-        exact_ms[dt] = round((time.perf_counter() - t0) * 1000, 1)
+    ex = KNNMemory(R, KNNMemoryConfig(dim=d, capacity=C, backend="exact", exact_dtype="bfloat16",
+                                      storage_dtype="bfloat16"))
+    ex.keys.copy_(mems["ours"].mem.keys)
+    ex.values.copy_(mems["ours"].mem.values)
+    ex.counts = mems["ours"].mem.counts.copy()
+    t0 = time.perf_counter()
+    ex.search(torch.from_numpy(queries), k)
+    exact_ms = (time.perf_counter() - t0) * 1000
 
-    med = {key: statistics.median(v) for key, v in times.items()}
-    step_ours = med["ours_search"] + med["ours_add"]
-    step_seed = med["seed_search"] + med["seed_add"]
-    print(
-        json.dumps(
-            {
-                "benchmark": "knn_memory_speed",
-                "setting": {"rows": R, "entries_per_row": C, "dim": d, "queries_per_row": Qn, "topk": k,
-                            "add_per_row": A, "data": f"normalised mixture of {args.clusters} Gaussian clusters, "
-                            f"spread {args.spread}", "repeats": args.repeats},
-                "ours": {"path": "faiss IndexIVFFlat per row (auto backend, CPU)", "nlist": cfg.full_nlist,
-                         "nprobe": cfg.nprobe, "search_ms": round(med["ours_search"], 1),
-                         "add_512_per_row_ms": round(med["ours_add"], 2), "recall_at_k": [round(x, 4) for x in rec_ours],
-                         "fill_64k_s": round(ours_fill_s, 2)},
-                "seed": {"path": "faiss IndexHNSWFlat(M=15) per row + array fetch", "search_ms": round(med["seed_search"], 1),
-                         "add_512_per_row_ms": round(med["seed_add"], 2), "recall_at_k": [round(x, 4) for x in rec_seed],
-                         "fill_64k_s": round(seed_fill_s, 2)},
-                "speedup_search": round(med["seed_search"] / med["ours_search"], 2),
-                "speedup_add": round(med["seed_add"] / med["ours_add"], 2),
-                "speedup_step_search_plus_add": round(step_seed / step_ours, 2),
-                "ours_exact_torch_search_ms_for_reference": exact_ms,
-                "all_ms": {key: [round(x, 1) for x in v] for key, v in times.items()},
-                "notes": "search = top-k ids plus fetching the (key, value) pairs for all rows; recall vs exact "
-                         "float32 search over the live entries, first and last round",
-                "torch": torch.__version__, "faiss": faiss.__version__, "threads": torch.get_num_threads(),
-                "faiss_threads": faiss.omp_get_max_threads(), "cpus": os.cpu_count(), "machine": platform.machine(),
-            },
-            indent=2,
-        )
-    )
+    med = {name: {op: statistics.median(v) for op, v in t.items()} for name, t in times.items()}
+    out = {
+        "benchmark": "knn_memory_speed",
+        "setting": {"rows": R, "entries_per_row": C, "dim": d, "queries_per_row": Qn, "topk": k,
+                    "add_per_row": A, "repeats": args.repeats,
+                    "data": f"unit vectors from a mixture of {args.clusters} Gaussian clusters, spread {args.spread}"},
+        "ours_path": f"faiss IndexIVFFlat (ours) / IndexIVFScalarQuantizer 8-bit (ours_sq8) per row, nlist "
+                     f"{cfg.full_nlist}, nprobe {cfg.nprobe} (>= {cfg.min_candidates} candidates), torch ring "
+                     "buffer in bfloat16",
+        "seed_path": "faiss IndexHNSWFlat(M=15) per row + float32 np.memmap of pairs",
+        "search_ms": {n: round(m["search"], 1) for n, m in med.items()},
+        "add_512_per_row_ms": {n: round(m["add"], 2) for n, m in med.items()},
+        "recall_at_k_first_last_round": {n: [round(x, 4) for x in v] for n, v in recalls.items()},
+        "fill_to_capacity_s": {n: round(v, 1) for n, v in fill_s.items()},
+        "speedup_vs_seed": {
+            n: {
+                "search": round(med["seed"]["search"] / m["search"], 2),
+                "add": round(med["seed"]["add"] / m["add"], 2),
+                "search_plus_add": round((med["seed"]["search"] + med["seed"]["add"]) / (m["search"] + m["add"]), 2),
+            }
+            for n, m in med.items() if n != "seed"
+        },
+        "ours_exact_bf16_search_ms_for_reference": round(exact_ms, 1),
+        "all_ms": {n: {op: [round(x, 1) for x in v] for op, v in t.items()} for n, t in times.items()},
+        "notes": "search = top-k ids plus fetching the (key, value) pairs of every hit, all rows; "
+                 "recall@k vs exact float32 search over the live entries",
+        "torch": torch.__version__, "faiss": faiss.__version__, "threads": torch.get_num_threads(),
+        "faiss_threads": faiss.omp_get_max_threads(), "cpus": os.cpu_count(), "machine": platform.machine(),
+    }
+    print(json.dumps(out, indent=2))
+    tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@ segments of one document per row). Two memories carry context past the segment:
   (one softmax over retrieved + local scores, cosine similarity with a learned per-head temperature).
 
 Attention is multi-query as in the seed (``heads`` query heads share one key/value head of width
-``dim_head``), with a T5 relative position bias and a causal mask; non-memorizing layers use
-``torch.nn.functional.scaled_dot_product_attention``. Any layer's feed-forward block can be a product-key
-memory (``pkm_layers``, :mod:`models.pkm`).
+``dim_head``), with a T5 relative position bias and a causal mask. Training uses a fused attention
+function (heads folded into one bmm, bf16 probabilities, gradient for the learned bias, log-sum-exp merge
+of retrieved memories); inference without gradients uses ``scaled_dot_product_attention`` in ordinary
+layers. Everything runs under bf16 autocast. Any layer's feed-forward block can be a product-key memory
+(``pkm_layers``, :mod:`models.pkm`).
 
 Streaming API (what a training loop needs)::
 
@@ -23,8 +25,10 @@ Streaming API (what a training loop needs)::
                 new_doc=starts,                           # (b,) bool: clear these rows first
                 doc_ended=ends)                           # (b,) bool: clear these rows afterwards
     out.loss.backward()
-    eval_no_mem = model(tokens, None, labels=labels)       # no memories at all, or
-    eval_no_knn = model(tokens, memory, labels=labels, use_knn=False, add_to_memory=False)
+    # eval_loss_no_memory: stream the eval rows with kNN retrieval off (XL memory still advances);
+    # use a separate MemoryState for evaluation streams, or None for no memory at all
+    eval_mem = model.create_memory(eval_batch)
+    loss = model(tokens, eval_mem, labels=labels, use_knn=False).loss
 
 ``memory.state_dict()`` / ``memory.load_state_dict()`` round-trip the whole memory state (checkpoint
 resume gives identical logits); ``memory.clear()`` resets it.
@@ -133,6 +137,9 @@ class MemorizingConfig:
     knn_nprobe: int = 8
     """IVF lists probed per query on the faiss path."""
 
+    knn_ivf_codec: str = "flat"
+    """IVF list storage on the faiss path: ``"flat"`` or ``"sq8"`` (see :class:`KNNMemoryConfig`)."""
+
     knn_storage_dtype: str = "float32"
     """dtype of the kNN memory buffers (``"bfloat16"`` halves memory and retrieval traffic)."""
 
@@ -178,6 +185,7 @@ class MemorizingConfig:
             backend=self.knn_backend,
             faiss_min_entries=self.knn_faiss_min_entries,
             nprobe=self.knn_nprobe,
+            ivf_codec=self.knn_ivf_codec,
             storage_dtype=self.knn_storage_dtype,
             exact_dtype=self.knn_exact_dtype,
         )

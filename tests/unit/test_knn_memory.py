@@ -165,8 +165,9 @@ def test_clear_empties_exactly_the_chosen_rows(how):
     assert torch.equal(res.keys[1, :, 0], new[1])
 
 
-def test_faiss_recall_against_exact():
-    """faiss IVF-flat path vs exact search on clustered data, across eviction and a clear."""
+@pytest.mark.parametrize("codec", ["flat", "sq8"])
+def test_faiss_recall_against_exact(codec):
+    """faiss IVF path vs exact search on clustered data, across eviction and a clear."""
     rng = torch.Generator().manual_seed(3)
     R, C, d, k = 2, 8192, 32, 16
     centers = torch.randn(64, d, generator=rng)
@@ -176,7 +177,7 @@ def test_faiss_recall_against_exact():
         return torch.nn.functional.normalize(x, dim=-1)
 
     cfg = dict(dim=d, capacity=C, faiss_min_entries=2048, nprobe=8)
-    approx = KNNMemory(R, KNNMemoryConfig(backend="faiss", **cfg))
+    approx = KNNMemory(R, KNNMemoryConfig(backend="faiss", ivf_codec=codec, **cfg))
     exact = KNNMemory(R, KNNMemoryConfig(backend="exact", **cfg))
     for step in range(12):  # 12 * 1024 = 1.5 capacities: eviction happens
         keys = sample(1024)
@@ -227,9 +228,10 @@ def test_bfloat16_exact_and_storage_keep_recall():
     assert recall >= 0.9, recall
 
 
-def test_state_dict_round_trip():
+@pytest.mark.parametrize("codec", ["flat", "sq8"])
+def test_state_dict_round_trip(codec):
     torch.manual_seed(5)
-    cfg = KNNMemoryConfig(dim=8, capacity=300, faiss_min_entries=100)
+    cfg = KNNMemoryConfig(dim=8, capacity=300, faiss_min_entries=100, ivf_codec=codec)
     mem = KNNMemory(2, cfg)
     for _ in range(5):
         x = torch.randn(2, 97, 8)
@@ -249,7 +251,7 @@ def test_state_dict_round_trip():
 
 @pytest.mark.parametrize(
     "kw", [dict(dim=0), dict(capacity=0), dict(backend="hnsw"), dict(nprobe=0), dict(storage_dtype="int8"),
-           dict(retrain_growth=1.0)]
+           dict(retrain_growth=1.0), dict(ivf_codec="pq")]
 )
 def test_config_validation(kw):
     with pytest.raises(ValueError):

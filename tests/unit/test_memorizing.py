@@ -34,7 +34,8 @@ def _stream(model, memory, segs, **kw):
 
 
 @pytest.mark.parametrize("with_memory", [False, True])
-def test_causal_later_tokens_do_not_change_earlier_logits(with_memory):
+@pytest.mark.parametrize("grad", [False, True])  # with grad: the fused training attention; without: SDPA
+def test_causal_later_tokens_do_not_change_earlier_logits(with_memory, grad):
     model = _model()
     segs = _segments(4)
     t = 9
@@ -43,11 +44,11 @@ def test_causal_later_tokens_do_not_change_earlier_logits(with_memory):
     outs = []
     for last in (segs[-1], changed):
         memory = model.create_memory(2) if with_memory else None
-        with torch.no_grad():
-            if with_memory:  # fill XL and kNN memories first, so every path is exercised
-                _stream(model, memory, segs[:-1])
-                assert memory.knn[0].sizes().min() > 0
-            outs.append(model(last, memory).logits)
+        if with_memory:  # fill XL and kNN memories first, so every path is exercised
+            _stream(model, memory, segs[:-1])
+            assert memory.knn[0].sizes().min() > 0
+        with torch.set_grad_enabled(grad):
+            outs.append(model(last, memory).logits.detach())
     assert torch.allclose(outs[0][:, :t], outs[1][:, :t], atol=1e-5)
     assert not torch.allclose(outs[0][:, t:], outs[1][:, t:], atol=1e-3)
 
