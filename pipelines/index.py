@@ -7,9 +7,10 @@ workload (every chunk queried once, in big batches):
 - IVF-Flat (exact vectors) whenever it fits ``max_index_memory``; autofaiss moves to product
   quantization at 1M vectors whatever the memory bound, and the neighbors stage searches IVF-Flat
   list by list with BLAS (:mod:`pipelines.ivf_blas`);
-- the number of IVF lists is about sqrt(N), where the coarse assignment and the list scans cost
-  about the same; autofaiss' 4-16 sqrt(N) is tuned for single-query latency at large N and makes
-  k-means training the slowest step at small N;
+- for IVF-Flat, about sqrt(N) lists, where the flat coarse assignment and the list scans cost
+  about the same; autofaiss' 4-16 sqrt(N) is tuned for single-query latency and makes k-means
+  training the slowest step at small N. Quantized keys keep autofaiss' list count (their coarse
+  quantizer is an HNSW graph, so many lists are cheap to assign);
 - search parameters (nprobe / efSearch) are tuned on a uniform sample against exact search, for
   the smallest value whose *filtered* neighbor recall@k reaches ``target_recall`` within
   ``max_query_ms`` per query. autofaiss maximises recall under the latency bound instead, which
@@ -100,7 +101,8 @@ def batched_nlist(n: int) -> int:
 
 
 def choose_index_key(n: int, dim: int, max_index_memory: str) -> str:
-    """autofaiss' memory-mappable choice within the memory bound, with sqrt(N) lists (see module doc)."""
+    """Exact search when tiny, IVF-Flat with sqrt(N) lists while it fits the memory bound, else
+    autofaiss' memory-mappable quantized choice (see the module doc)."""
     if n <= FLAT_MAX_VECTORS:
         return "Flat"
     from autofaiss.external.optimize import get_optimal_index_keys_v2
@@ -111,9 +113,7 @@ def choose_index_key(n: int, dim: int, max_index_memory: str) -> str:
     keys = get_optimal_index_keys_v2(n, dim, max_index_memory, should_be_memory_mappable=True)
     if not keys:
         raise ValueError(f"no index of {n} vectors of dim {dim} fits --max-index-memory {max_index_memory}")
-    key = keys[0]
-    quantizer = "_HNSW32" if nlist >= 1 << 14 else ""
-    return re.sub(r"IVF\d+(_HNSW\d+)?", f"IVF{nlist}{quantizer}", key, count=1)
+    return keys[0]  # quantized, with its HNSW coarse quantizer: many lists cost little to assign
 
 
 def flat_may_compete(info: "EmbeddingsInfo", max_index_memory: str) -> bool:

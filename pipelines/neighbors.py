@@ -97,9 +97,12 @@ class NeighborsWorker:
         return self.part(EmbeddingPart.from_dict(part))
 
 
-def run_parts(out_url: str, parts: list[EmbeddingPart], *, n_actors: int, cpus: int, **worker_kw) -> list[dict]:
-    """Feed parts to ``n_actors`` actors, one part in flight per actor; progress every few seconds."""
-    actor_cls = ray.remote(NeighborsWorker)
+def run_parts(out_url: str, parts: list[EmbeddingPart], *, n_actors: int, cpus: int, worker_cls: type | None = None,
+              **worker_kw) -> list[dict]:
+    """Feed parts to ``n_actors`` actors, one part in flight per actor; progress every few seconds.
+    ``worker_cls``: the actor class (default :class:`NeighborsWorker`; the re-index job passes its own,
+    with the same ``__init__(out_url, threads=..., **worker_kw)`` and ``run(part_dict)``)."""
+    actor_cls = ray.remote(worker_cls or NeighborsWorker)
     actors = [actor_cls.options(num_cpus=cpus).remote(out_url, threads=cpus, **worker_kw) for _ in range(n_actors)]
     pending = list(parts)
     running: dict = {}
