@@ -56,8 +56,13 @@ class TokenizeSettings:
 # ----------------------------------------------------------------------------- pass 1: tokenize
 
 
-def tokenize_unit(unit: WorkUnit, settings: TokenizeSettings, tokenizer) -> dict[str, np.ndarray]:
-    """Read and tokenize one unit; returns the staged arrays (ids are local to the unit)."""
+def tokenize_unit(unit: WorkUnit, settings: TokenizeSettings, tokenizer,
+                  keep: frozenset | None = None) -> dict[str, np.ndarray]:
+    """Read and tokenize one unit; returns the staged arrays (ids are local to the unit).
+
+    ``keep``: (item index, record position) pairs to turn into documents or quarantine records;
+    other records are only counted (re-indexing tokenizes just the new and changed documents).
+    None keeps every record."""
     import hashlib
 
     tokens: list[np.ndarray] = []
@@ -85,6 +90,8 @@ def tokenize_unit(unit: WorkUnit, settings: TokenizeSettings, tokenizer) -> dict
         for rec in read_item(item, settings.text_field):
             if rec.position >= 0:
                 item_records[item_idx] = rec.position + 1
+            if keep is not None and (item_idx, rec.position) not in keep:
+                continue
             if rec.text is None:
                 q_item.append(item_idx), q_pos.append(rec.position), q_reason.append(rec.reason), q_detail.append(rec.detail)
                 continue
@@ -123,15 +130,17 @@ def _cached_tokenizer(name: str) -> ChunkTokenizer:
     return load_tokenizer(name)
 
 
-def stage_or_load_unit(out: Location, plan: str, unit: WorkUnit, settings: TokenizeSettings) -> dict[str, np.ndarray]:
-    """The staged arrays of ``unit``: kept from an earlier (killed) run when intact, else computed now."""
+def stage_or_load_unit(out: Location, plan: str, unit: WorkUnit, settings: TokenizeSettings,
+                       keep: frozenset | None = None) -> dict[str, np.ndarray]:
+    """The staged arrays of ``unit``: kept from an earlier (killed) run when intact, else computed now
+    (``keep``: see :func:`tokenize_unit`; the plan fingerprint must cover it)."""
     rel = _staged_name(plan, unit.index)
     if exists(out, rel):
         try:
             return _load_staged(out, rel)
         except Exception:  # noqa: BLE001 - a damaged staged file is simply redone
             pass
-    staged = tokenize_unit(unit, settings, _cached_tokenizer(settings.tokenizer))
+    staged = tokenize_unit(unit, settings, _cached_tokenizer(settings.tokenizer), keep)
     buf = io.BytesIO()
     np.savez(buf, **staged)
     write_bytes_atomic(out, rel, buf.getvalue())
@@ -271,6 +280,9 @@ def run_tokenize(*, corpus: list[str], out: Location, chunk_size: int, seq_len: 
     plan = plan_fingerprint(files, units, {**settings.__dict__, "tokenizer_fingerprint": tok.fingerprint})
 
     done = read_manifest(out, "chunks")
+    if done and done.get("reindexed") and done.get("plan") != plan:
+        raise ValueError(f"{out.url} has been updated by jobs.reindex (ids are never reused): re-tokenizing it would "
+                         "reassign them; run `python -m jobs.reindex --corpus ... --out ...`, or use a new --out")
     if done and done.get("plan") == plan and all(
         (m := read_manifest(out, f)) is not None and not invalid_parts(out, f, m["parts"]) for f in OUTPUT_FOLDERS
     ):

@@ -1,0 +1,393 @@
+"""The re-index job on a real local Ray instance with the real encoder: a re-index after adding,
+changing and removing documents gives the neighbors of a full rebuild (exact index), ids are never
+reused, old parts stay byte-identical, tombstoned chunks are gone from the index and neighbors;
+a rerun is a no-op; a killed run leaves LATEST alone and the next run resumes; of two concurrent
+runs exactly one publishes. Plus the incremental IVF update (quantizers reused) and the drift
+check on a synthetic build, and the lock and publish guards."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.build_index import BuildConfig
+from pipelines.build import STAGES
+from pipelines.latest import NeighborsReader, list_versions, open_index, resolve_latest
+from pipelines.manifest import read_manifest
+from pipelines.reindex import run_reindex
+from pipelines.reindex_publish import read_history
+from pipelines.storage import open_location
+from pipelines.tombstones import Tombstones
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+K = 3
+
+
+def build(corpus: Path, out: Path) -> None:
+    """Every stage of jobs.build_index, in this process (exact index)."""
+    cfg = BuildConfig(corpus=[str(corpus)], out=str(out), seq_len=256, index_key="Flat", k=K, concurrency=2,
+                      embed_batch_size=64)
+    loc = open_location(str(out))
+    for name in ("tokenize", "embed", "index", "neighbors"):
+        STAGES[name](cfg, loc, [str(corpus)], 2)
+
+
+def write_corpus(d: Path, docs: dict[str, str]) -> Path:
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    for name, text in docs.items():
+        (d / name).write_text(text)
+    return d
+
+
+@pytest.fixture(scope="module")
+def texts(plays) -> dict[str, str]:
+    t = {p.name: p.read_text() for p in plays}
+
+    def cut(name: str, n: int) -> str:
+        return t.get(name, next(iter(t.values())))[3000:3000 + n]
+
+    v1 = {"a_hamlet.txt": cut("hamlet_gut.txt", 7000), "b_macbeth.txt": cut("macbeth_gut.txt", 7000),
+          "c_macbeth_f.txt": cut("macbeth_gut_f.txt", 7000), "d_tempest.txt": cut("tempest_gut.txt", 7000),
+          "e_tempest_f.txt": cut("tempest_gut_f.txt", 4000)}
+    v2 = dict(v1)
+    del v2["c_macbeth_f.txt"]  # removed: b's chunks lose neighbors
+    v2["d_tempest.txt"] = v1["d_tempest.txt"][:3000] + "\nA line that was not there before.\n" + v1["d_tempest.txt"][3000:]
+    v2["f_hamlet_f.txt"] = cut("hamlet_gut_f.txt", 7000)  # added: close to a's chunks
+    return {"v1": v1, "v2": v2}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, texts):
+    d = tmp_path_factory.mktemp("reindex")
+    corpus = write_corpus(d / "corpus", texts["v1"])
+    build(corpus, d / "base")
+    write_corpus(corpus, texts["v2"])  # then one document is added, one changed, one removed
+    return d
+
+
+def copy_base(base: Path, dst: Path) -> tuple[Path, Path]:
+    """A copy of the published base build, and its corpus (sources name it: it stays where it was)."""
+    shutil.copytree(base / "base", dst / "out")
+    return base / "corpus", dst / "out"
+
+
+def reindex(corpus: Path, out: Path, **kw):
+    return run_reindex(corpus=[str(corpus)], out=open_location(str(out)), concurrency=2,
+                       **({"max_growth": 1.0} | kw))
+
+
+@pytest.fixture(scope="module")
+def reindexed(base, tmp_path_factory):
+    d = tmp_path_factory.mktemp("reindexed")
+    corpus, out = copy_base(base, d)
+    return corpus, out, reindex(corpus, out)
+
+
+@pytest.fixture(scope="module")
+def rebuilt(texts, tmp_path_factory):
+    d = tmp_path_factory.mktemp("rebuilt")
+    corpus = write_corpus(d / "corpus", texts["v2"])
+    build(corpus, d / "out")
+    return d / "out"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def chunk_keys(out: Path) -> dict[int, tuple[str, int]]:
+    """Live chunk id -> (document file name, chunk index in the document)."""
+    loc = open_location(str(out))
+    dead = Tombstones.load(loc).dead_docs()
+    keys = {}
+    docs = pq.read_table(out / "docs")
+    for d, s, f, n in zip(*(docs.column(c).to_pylist() for c in ("doc_id", "source", "first_chunk_id", "num_chunks"))):
+        if d not in dead:
+            keys.update({f + i: (os.path.basename(s), i) for i in range(n)})
+    return keys
+
+
+def neighbors_by_key(out: Path) -> dict[tuple, tuple[list, np.ndarray]]:
+    keys = chunk_keys(out)
+    t = pq.read_table(out / "neighbors" / resolve_latest(str(out))["neighbors"])
+    ids = t.column("chunk_id").to_numpy()
+    nb = np.asarray(t.column("neighbors").to_pylist())
+    ds = np.asarray(t.column("distances").to_pylist(), dtype=np.float32)
+    return {keys[c]: ([keys.get(j, ("DEAD", j)) if j >= 0 else None for j in row], d)
+            for c, row, d in zip(ids.tolist(), nb.tolist(), ds) if c in keys}
+
+
+def latest_bytes(out: Path) -> bytes:
+    return (out / "LATEST").read_bytes()
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_reindex_gives_the_neighbors_of_a_full_rebuild(reindexed, rebuilt):
+    corpus, out, s = reindexed
+    assert s.action == "incremental", s.lines()
+    d = s.delta
+    assert (len(d.added), len(d.changed), len(d.removed), d.unchanged) == (1, 1, 1, 3)
+    n = s.neighbors
+    # every path ran: new chunks searched, old ones re-searched (lost a neighbor), checked and updated, dead dropped
+    assert n.rows_new > 0 and n.rows_researched > 0 and n.rows_checked > 0 and n.rows_updated > 0 and n.rows_dropped > 0
+    mine, full = neighbors_by_key(out), neighbors_by_key(rebuilt)
+    assert mine.keys() == full.keys() and len(mine) > 100
+    differ = 0
+    for key, (nb, dist) in mine.items():
+        nb2, dist2 = full[key]
+        assert np.allclose(dist, dist2, rtol=1e-3, atol=1e-3), (key, nb, dist, nb2, dist2)
+        differ += nb != nb2  # only where equal distances allow another order
+    assert differ <= len(mine) * 0.01
+    text = "\n".join(s.lines())
+    for phrase in ("1 added, 1 changed, 1 removed", "new chunks searched", "searched again", "checked against the new",
+                   "tombstoned chunks dropped", "LATEST -> index"):
+        assert phrase in text, text
+
+
+def test_ids_are_never_reused_and_old_parts_stay_byte_identical(base, reindexed):
+    _, out, s = reindexed
+    old = base / "base"
+    for folder in ("docs", "chunks", "seqs", "quarantine", "embeddings"):
+        for p in sorted((old / folder).glob("part-*")):
+            assert (out / folder / p.name).read_bytes() == p.read_bytes(), p
+    old_docs, new_docs = pq.read_table(old / "docs"), pq.read_table(out / "docs")
+    old_chunks = read_manifest(open_location(str(old)), "chunks")["totals"]["chunks"]
+    appended = new_docs.slice(old_docs.num_rows)
+    assert appended.column("doc_id").to_pylist() == list(range(old_docs.num_rows, new_docs.num_rows))
+    assert appended.column("first_chunk_id")[0].as_py() == old_chunks
+    chunk_ids = pq.read_table(out / "chunks", columns=["chunk_id"]).column(0).to_numpy()
+    assert np.array_equal(chunk_ids, np.arange(len(chunk_ids)))  # still dense over all ids ever given
+    m = read_manifest(open_location(str(out)), "chunks")
+    assert m["reindexed"] and m["totals"]["chunks"] == len(chunk_ids)
+    assert m["totals"]["live_chunks"] == len(chunk_ids) - Tombstones.load(open_location(str(out))).chunks
+
+
+def test_tombstoned_chunks_are_gone_from_index_and_neighbors(reindexed):
+    _, out, s = reindexed
+    loc = open_location(str(out))
+    tomb = Tombstones.load(loc)
+    t = pq.read_table(out / "tombstones")
+    assert sorted(t.column("reason").to_pylist()) == ["changed", "removed"]
+    assert {os.path.basename(x) for x in t.column("source").to_pylist()} == {"c_macbeth_f.txt", "d_tempest.txt"}
+    assert read_manifest(loc, "tombstones")["totals"]["chunks"] == tomb.chunks == sum(t.column("num_chunks").to_pylist())
+    dead = tomb.chunk_ids()
+    latest = resolve_latest(loc)
+    assert latest["live_chunks"] == latest["chunks_total"] - len(dead) and latest["tombstone_parts"] == 1
+    index = open_index(loc)
+    assert index.ntotal == latest["live_chunks"]
+    vecs = np.concatenate([np.load(p) for p in sorted((out / "embeddings").glob("part-*.npy"))]).astype(np.float32)
+    _, found = index.search(vecs[dead], 20)  # the dead vectors themselves: none of them comes back
+    assert len(dead) > 0 and not np.isin(found, dead).any()
+    reader = NeighborsReader(loc)
+    nb, ds = reader.lookup(dead)
+    assert (nb == -1).all() and np.isinf(ds).all()
+    live = np.setdiff1d(np.arange(len(reader)), dead)
+    nb, _ = reader.lookup(live)
+    assert not np.isin(nb, dead).any() and (nb >= 0).all()
+    h = read_history(loc)[-1]
+    assert h["action"] == "incremental" and h["documents_added"] == 1 and h["documents_changed"] == 1
+    assert h["documents_removed"] == 1 and h["chunks_added"] == s.append.chunks > 0 and h["seconds"] > 0
+    assert h["version"] == {"index": latest["index"], "neighbors": latest["neighbors"]}
+
+
+def test_cli_rerun_is_a_no_op_and_every_repeats(reindexed):
+    import ray
+
+    corpus, out, _ = reindexed
+    before = latest_bytes(out)
+    versions = list_versions(open_location(str(out)), "index"), list_versions(open_location(str(out)), "neighbors")
+    history = len(read_history(open_location(str(out))))
+    r = subprocess.run([sys.executable, "-m", "jobs.reindex", "--corpus", str(corpus), "--out", str(out),
+                        "--every", "1s", "--runs", "2", "--ray-address", ray.get_runtime_context().gcs_address],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("nothing to do") == 2 and "next run in" in r.stdout, r.stdout
+    assert latest_bytes(out) == before
+    assert (list_versions(open_location(str(out)), "index"), list_versions(open_location(str(out)), "neighbors")) == versions
+    lines = read_history(open_location(str(out)))[history:]
+    assert [h["action"] for h in lines] == ["no-op", "no-op"] and lines[0]["documents_unchanged"] == 5
+    assert not (out / "reindex" / "_lock.json").exists() and not (out / "chunks" / "_staging").exists()
+
+
+def _reindex_proc(corpus: Path, out: Path, *extra: str) -> subprocess.Popen:
+    import ray
+
+    return subprocess.Popen([sys.executable, "-m", "jobs.reindex", "--corpus", str(corpus), "--out", str(out),
+                             "--max-growth", "1", "--ray-address", ray.get_runtime_context().gcs_address, *extra],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_killed_reindex_leaves_latest_and_the_next_run_resumes(base, reindexed, tmp_path):
+    corpus, out = copy_base(base, tmp_path)
+    before = latest_bytes(out)
+    chunks_before = read_manifest(open_location(str(out)), "chunks")["totals"]["chunks"]
+    proc = _reindex_proc(corpus, out)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:  # kill once the append is committed
+            m = json.loads((out / "chunks" / "_manifest.json").read_text())
+            if m["totals"]["chunks"] > chunks_before:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+    assert latest_bytes(out) == before
+    assert (out / "reindex" / "_lock.json").exists()  # the dead run's lock: broken by the next run
+    s = reindex(corpus, out)
+    assert s.delta.empty and s.action == "incremental"  # nothing appended twice; the index work resumed
+    m = read_manifest(open_location(str(out)), "chunks")
+    assert m["totals"]["chunks"] == read_manifest(open_location(str(reindexed[1])), "chunks")["totals"]["chunks"]
+    assert resolve_latest(str(out))["index"] == s.index_version != json.loads(before)["index"]
+    assert neighbors_by_key(out) .keys() == neighbors_by_key(reindexed[1]).keys()
+    a = NeighborsReader(str(out)).lookup(np.arange(m["totals"]["chunks"]))
+    b = NeighborsReader(str(reindexed[1])).lookup(np.arange(m["totals"]["chunks"]))
+    assert np.array_equal(a[0], b[0]) and np.allclose(a[1], b[1])
+
+
+def test_two_concurrent_runs_exactly_one_publishes(base, tmp_path):
+    corpus, out = copy_base(base, tmp_path)
+    first = json.loads(latest_bytes(out))
+    seen, stop = [], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            try:
+                rec = json.loads(latest_bytes(out))
+                seen.append((int(rec["index"][1:]), int(rec["neighbors"][1:])))
+            except (OSError, ValueError):
+                seen.append(None)
+            time.sleep(0.01)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    procs = [_reindex_proc(corpus, out)]
+    try:
+        deadline = time.time() + 120  # the second starts while the first holds the lock
+        while time.time() < deadline and not (out / "reindex" / "_lock.json").exists() and procs[0].poll() is None:
+            time.sleep(0.01)
+        procs.append(_reindex_proc(corpus, out))
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        stop.set()
+        t.join(5)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 75], outputs
+    loser = outputs[[p.returncode for p in procs].index(75)]
+    assert "another re-index run holds the lock" in loser and "nothing published" in loser
+    assert None not in seen and seen == sorted(seen)  # always readable, never backwards
+    final = resolve_latest(str(out))
+    assert seen[0] == (int(first["index"][1:]), int(first["neighbors"][1:])) and int(final["index"][1:]) > seen[0][0]
+    actions = [h["action"] for h in read_history(open_location(str(out)))]
+    assert sorted(actions) == ["incremental", "skipped"]
+
+
+# ----------------------------------------------------------------------------- lock and publish guards
+
+
+def test_lock_is_exclusive_and_stale_locks_are_broken(tmp_path):
+    from pipelines.reindex_lock import LOCK, LockHeld, LockLost, ReindexLock
+
+    out = open_location(str(tmp_path / "o"))
+    winners, errors = [], []
+    barrier = threading.Barrier(8)
+
+    def contend():
+        lock = ReindexLock(out, ttl_s=60)
+        barrier.wait()
+        try:
+            lock.acquire()
+            winners.append(lock)
+        except LockHeld as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=contend) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(winners) == 1 and len(errors) == 7
+    holder = winners[0]
+    holder.verify()
+    holder.release()
+    # a dead owner on this host: broken at once
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "o" / LOCK).write_text(json.dumps({"owner": "x", "host": holder.host, "pid": dead.pid,
+                                                   "expires_at": time.time() + 600}))
+    lock = ReindexLock(out, ttl_s=60)
+    lock.acquire()
+    # ... but not a live one, until it expires
+    other = ReindexLock(out, ttl_s=60)
+    with pytest.raises(LockHeld):
+        other.acquire()
+    (tmp_path / "o" / LOCK).write_text(json.dumps({"owner": "y", "host": "elsewhere", "pid": 1,
+                                                   "expires_at": time.time() - 1}))
+    with pytest.raises(LockLost):  # taken over: the old owner may not commit
+        lock.verify()
+    lock.release()  # stops its heartbeat; leaves the other owner's lock alone
+    assert (tmp_path / "o" / LOCK).exists()
+    other.acquire()
+    other.release()
+    assert not (tmp_path / "o" / LOCK).exists()
+
+
+def test_publish_refuses_a_moved_latest_and_going_backwards(tmp_path):
+    from pipelines.latest import write_latest
+    from pipelines.reindex_lock import ReindexLock
+    from pipelines.reindex_publish import StaleBase, publish
+
+    out = open_location(str(tmp_path))
+    im = {"index_key": "Flat", "metric": "l2", "totals": {"chunks": 10}}
+    write_latest(out, {"index": "v0003", "neighbors": "v0003", "k": 2})
+    lock = ReindexLock(out)
+    lock.acquire()
+    try:
+        with pytest.raises(StaleBase, match="started from v0002"):
+            publish(out, lock, base={"index": "v0002", "neighbors": "v0002"}, index_version="v0004",
+                    neighbors_version="v0004", index_manifest=im, k=2, extra={})
+        with pytest.raises(StaleBase, match="never moves backwards"):
+            publish(out, lock, base={"index": "v0003", "neighbors": "v0003"}, index_version="v0003",
+                    neighbors_version="v0004", index_manifest=im, k=2, extra={})
+        rec = publish(out, lock, base={"index": "v0003", "neighbors": "v0003"}, index_version="v0004",
+                      neighbors_version="v0004", index_manifest=im, k=2, extra={"live_chunks": 9})
+        assert resolve_latest(out) == rec and rec["index"] == "v0004" and rec["live_chunks"] == 9
+    finally:
+        lock.release()
+
+
+def test_cli_help_and_errors(tmp_path):
+    from jobs.reindex import parse_every
+
+    r = subprocess.run([sys.executable, "-m", "jobs.reindex", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0
+    for flag in ("--corpus", "--out", "--every", "--keep", "--max-growth", "--min-recall", "--full", "ray job submit"):
+        assert flag in r.stdout, flag
+    r = subprocess.run([sys.executable, "-m", "jobs.reindex", "--corpus", str(tmp_path), "--out", str(tmp_path / "none")],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "no index has been published yet" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "jobs.reindex", "--corpus", "x", "--out", "y", "--every", "often"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "--every must look like" in r.stderr
+    assert parse_every("6h") == 21600 and parse_every("1h30m") == 5400 and parse_every("") == 0
