@@ -184,6 +184,7 @@ class BuildReader:
         self.n_chunks = int(self.rows.sum())
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._cache_parts = max(1, cache_parts)
+        self._tombstones = None
 
     @property
     def vocab_size(self) -> int:
@@ -211,6 +212,20 @@ class BuildReader:
             self._cache.pop(next(iter(self._cache)))
         self._cache[i] = (tokens, doc)
         return tokens, doc
+
+    def dead(self, ids: np.ndarray) -> np.ndarray:
+        """Which chunk ids a re-index tombstoned (readers skip them; ``tombstones/`` exists only after one)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if self._tombstones is None:
+            from pipelines.manifest import read_manifest
+
+            if read_manifest(self.data, "tombstones") is None:
+                self._tombstones = False
+            else:
+                from pipelines.tombstones import Tombstones
+
+                self._tombstones = Tombstones.load(self.data)
+        return self._tombstones.dead(ids) if self._tombstones else np.zeros(ids.shape, bool)
 
     def gather(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(tokens (n, c+1), doc_id (n,)) for any chunk ids in [0, n_chunks), reading only the parts they hit."""
