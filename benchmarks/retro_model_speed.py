@@ -23,8 +23,10 @@ The machine is shared with other jobs, so step times swing by 2-5x. Each variant
 long-lived subprocess (built and warmed up once); the benchmark then runs rounds, and each round times one
 step of every variant, back to back and never two at once. The speedups are the median over rounds of the
 paired ratio seed_step / our_step within a round (steps close in time see like load); tokens/s from the
-median and the best step are reported too. Variants: ours under bf16 autocast (how it is meant to train
-here) and in float32; the seed in float32 (its default, the baseline) and under bf16 autocast (like for like).
+median and the best step are reported too. Variants (SIDE[-ATTN_IMPL]_PRECISION): ours under bf16 autocast
+(how it is meant to train here) with SDPA attention (the default) and with attn_impl="matmul" (faster on
+CPU), and ours in float32; the seed in float32 (its default: the baseline) and under bf16 autocast (like
+for like).
 Prints one JSON object and writes it to --out.
 """
 
@@ -48,16 +50,16 @@ REPO = Path(__file__).resolve().parents[1]
 SIZES = dict(num_tokens=30522, enc_dim=896, enc_depth=2, dec_dim=796, heads=8, dim_head=64, chunk_size=64)
 
 
-def _build_ours(seq_len: int, dec_depth: int, cca: tuple[int, ...]):
+def _build_ours(seq_len: int, dec_depth: int, cca: tuple[int, ...], attn_impl: str = "sdpa"):
     sys.path.insert(0, str(REPO))
     from models.retro import RETRO, retro_config
 
     cfg = retro_config("readme", max_seq_len=seq_len, dec_depth=dec_depth, dec_cross_attn_layers=cca,
-                       dec_attn_dropout=0.0, dec_ff_dropout=0.0)
+                       dec_attn_dropout=0.0, dec_ff_dropout=0.0, attn_impl=attn_impl)
     return RETRO(cfg)
 
 
-def _build_seed(seq_len: int, dec_depth: int, cca: tuple[int, ...]):
+def _build_seed(seq_len: int, dec_depth: int, cca: tuple[int, ...], attn_impl: str = ""):
     """RETRO-pytorch's RETRO class, imported without running its package __init__ (which needs faiss etc.)."""
     spec = importlib.util.find_spec("retro_pytorch")
     if spec is None or not spec.submodule_search_locations:
@@ -81,7 +83,7 @@ def serve(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     cca = tuple(int(x) for x in args.cca.split(","))
     build = _build_ours if args.side == "ours" else _build_seed
-    model = build(args.seq_len, args.dec_depth, cca).train()
+    model = build(args.seq_len, args.dec_depth, cca, args.attn_impl).train()
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     c = SIZES["chunk_size"]
@@ -105,26 +107,31 @@ def serve(args: argparse.Namespace) -> None:
     for line in sys.stdin:
         if line.strip() != "step":
             break
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = step()
-        print(json.dumps({"step_s": time.perf_counter() - t0, "loss": loss}), flush=True)
+        print(json.dumps({"step_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "loss": loss}),
+              flush=True)
 
 
 class Worker:
     """A serving subprocess for one (side, precision); steps run one at a time, never two at once."""
 
-    def __init__(self, args: argparse.Namespace, side: str, precision: str) -> None:
+    def __init__(self, args: argparse.Namespace, name: str) -> None:
+        side, precision = name.split("_")
+        side, _, impl = side.partition("-")
         python = sys.executable if side == "ours" else args.seed_python
         cmd = [python, str(Path(__file__).resolve()), "--side", side, "--precision", precision,
+               "--attn-impl", impl or "sdpa",
                "--threads", str(args.threads), "--seq-len", str(args.seq_len), "--batch", str(args.batch),
                "--neighbors", str(args.neighbors), "--dec-depth", str(args.dec_depth), "--cca", args.cca,
                "--warmup", str(args.warmup)]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-        self.name = f"{side}_{precision}"
+        self.name = name
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
                                      cwd=REPO)
         self.params = self._read()["params"]
         self.times: list[float] = []
+        self.cpu_times: list[float] = []
 
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
@@ -135,9 +142,10 @@ class Worker:
     def step(self) -> float:
         self.proc.stdin.write("step\n")
         self.proc.stdin.flush()
-        t = self._read()["step_s"]
-        self.times.append(t)
-        return t
+        reply = self._read()
+        self.times.append(reply["step_s"])
+        self.cpu_times.append(reply["cpu_s"])
+        return reply["step_s"]
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -158,10 +166,11 @@ def main() -> None:
     p.add_argument("--cca", default="2,4", help="1-based decoder layers with chunked cross-attention")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per worker")
     p.add_argument("--rounds", type=int, default=6, help="rounds; each times one step of every variant")
-    p.add_argument("--variants", default="ours_bf16,seed_fp32,ours_fp32,seed_bf16",
-                   help="which (side_precision) to run; the first two give the headline ratio")
+    p.add_argument("--variants", default="ours_bf16,seed_fp32,ours-matmul_bf16,seed_bf16,ours_fp32",
+                   help="comma-separated SIDE[-ATTN_IMPL]_PRECISION: ours|seed, sdpa|matmul, bf16|fp32")
     p.add_argument("--side", choices=("ours", "seed"), help=argparse.SUPPRESS)
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help=argparse.SUPPRESS)
+    p.add_argument("--attn-impl", choices=("sdpa", "matmul"), default="sdpa", help=argparse.SUPPRESS)
     args = p.parse_args()
 
     if args.side:  # worker subprocess
@@ -172,8 +181,7 @@ def main() -> None:
     workers: dict[str, Worker] = {}
     try:
         for name in names:  # built one after the other; each warms up before the next starts
-            side, precision = name.split("_")
-            workers[name] = Worker(args, side, precision)
+            workers[name] = Worker(args, name)
         for r in range(args.rounds):
             line = " ".join(f"{n}={workers[n].step():.2f}s" for n in names)
             print(f"round {r + 1}/{args.rounds}: {line}", file=sys.stderr, flush=True)
@@ -186,13 +194,15 @@ def main() -> None:
     def summary(w: Worker) -> dict:
         return {"tokens_per_s_median": round(tokens / statistics.median(w.times), 1),
                 "tokens_per_s_best": round(tokens / min(w.times), 1),
-                "step_s": [round(t, 3) for t in w.times], "params": w.params}
+                "step_s": [round(t, 3) for t in w.times], "cpu_s": [round(t, 3) for t in w.cpu_times],
+                "params": w.params}
 
-    def paired(a: str, b: str) -> Optional[float]:
+    def paired(a: str, b: str, cpu: bool = False) -> Optional[float]:
         """Median over rounds of time(b) / time(a): steps of one round ran back to back, under like load."""
         if a not in workers or b not in workers:
             return None
-        return round(statistics.median(tb / ta for ta, tb in zip(workers[a].times, workers[b].times)), 2)
+        ta, tb = ((workers[x].cpu_times if cpu else workers[x].times) for x in (a, b))
+        return round(statistics.median(y / x for x, y in zip(ta, tb)), 2)
 
     result = {
         "benchmark": "retro_model_speed",
@@ -204,8 +214,13 @@ def main() -> None:
                    "rounds": args.rounds, "warmup": args.warmup},
         "speedup_ours_bf16_vs_seed_fp32": paired("ours_bf16", "seed_fp32"),
         "speedup_ours_bf16_vs_seed_bf16": paired("ours_bf16", "seed_bf16"),
+        "speedup_ours_matmul_bf16_vs_seed_fp32": paired("ours-matmul_bf16", "seed_fp32"),
+        "speedup_ours_matmul_bf16_vs_seed_bf16": paired("ours-matmul_bf16", "seed_bf16"),
         "speedup_ours_fp32_vs_seed_fp32": paired("ours_fp32", "seed_fp32"),
-        "speedup_note": "median over rounds of the paired step-time ratio (seed / ours) within each round",
+        "speedup_cpu_time_ours_bf16_vs_seed_fp32": paired("ours_bf16", "seed_fp32", cpu=True),
+        "speedup_cpu_time_ours_matmul_bf16_vs_seed_fp32": paired("ours-matmul_bf16", "seed_fp32", cpu=True),
+        "speedup_note": "median over rounds of the paired step-time ratio (seed / ours) within each round; "
+                        "speedup_cpu_time_* use process CPU time (less sensitive to other jobs taking the cores)",
         "variants": {n: summary(w) for n, w in workers.items()},
     }
     import torch

@@ -71,9 +71,9 @@ def test_bad_retrieved_shape_raises():
         model(torch.randint(1, V, (1, 65)))  # longer than max_seq_len
 
 
-@pytest.mark.parametrize("deepnet", [False, True])
-def test_no_token_sees_its_future(deepnet: bool):
-    model = _model(use_deepnet=deepnet)
+@pytest.mark.parametrize("deepnet,impl", [(False, "sdpa"), (True, "sdpa"), (False, "matmul")])
+def test_no_token_sees_its_future(deepnet: bool, impl: str):
+    model = _model(use_deepnet=deepnet, attn_impl=impl)
     seq, retrieved = _batch(b=1)
     n, R = seq.shape[1], retrieved.shape[1]
     with torch.no_grad():
@@ -117,8 +117,18 @@ def test_all_padding_neighbors_stay_finite():
     assert torch.isfinite(out).all()
 
 
-def test_prefix_matches_longer_sequence():
-    model = _model()
+def test_attention_impls_agree():
+    seq, retrieved = _batch()
+    retrieved[:, 1, 0, 5:] = 0  # some padding, so the masked paths run too
+    with torch.no_grad():
+        a = _model(attn_impl="sdpa")(seq, retrieved)
+        b = _model(attn_impl="matmul")(seq, retrieved)
+    assert _max_diff(a, b) < 1e-4
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "matmul"])
+def test_prefix_matches_longer_sequence(impl: str):
+    model = _model(attn_impl=impl)
     seq, retrieved = _batch()
     with torch.no_grad():
         full = model(seq, retrieved)  # (b, 16, V)
@@ -171,6 +181,22 @@ def test_loss_ignores_pad_labels():
     keep = labels != 0
     expected = torch.nn.functional.cross_entropy(logits[keep], labels[keep])
     assert torch.allclose(loss, expected, atol=1e-5)
+
+
+def test_cross_entropy_matches_torch():
+    from models.retro import cross_entropy
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(150, 37, generator=g, requires_grad=True)  # 150 rows: blocks of 64 and a remainder
+    labels = torch.randint(0, 37, (150,), generator=g)
+    labels[::7] = 0
+    ours = cross_entropy(logits, labels, 0)
+    (grad_ours,) = torch.autograd.grad(ours * 3.0, logits)
+    ref = torch.nn.functional.cross_entropy(logits, labels, ignore_index=0)
+    (grad_ref,) = torch.autograd.grad(ref * 3.0, logits)
+    assert torch.allclose(ours, ref, atol=1e-6)
+    assert torch.allclose(grad_ours, grad_ref, atol=1e-7)
+    assert cross_entropy(logits, torch.zeros_like(labels), 0).item() == 0.0  # nothing to predict
 
 
 def test_bf16_autocast_close_to_float32():
@@ -230,6 +256,7 @@ def test_config_validation_and_presets():
         dict(pad_id=-1),
         dict(heads=True),
         dict(pkm_layers=(2, 2)),
+        dict(attn_impl="flash"),
     ]
     for kw in bad:
         with pytest.raises(ValueError):
