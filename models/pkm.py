@@ -18,10 +18,9 @@ Public API (imported by other models, keep it stable):
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -70,10 +69,6 @@ class PKMConfig:
     sparse_values: bool = False
     """Give the value table sparse gradients (needs an optimizer that takes them, e.g. ``SparseAdam``)."""
 
-    fast_backward: bool = True
-    """Compute the value read's backward with sparse-CSR kernels (same result as ``EmbeddingBag``'s,
-    several times faster on CPU, where torch's per-sample-weight backward is single-threaded)."""
-
     def __post_init__(self) -> None:
         if self.num_keys < 1:
             raise ValueError(f"num_keys must be >= 1, got {self.num_keys}")
@@ -109,51 +104,6 @@ def _candidate_pairs(k: int) -> tuple[torch.Tensor, torch.Tensor]:
             ii.append(i)
             jj.append(j)
     return torch.tensor(ii, dtype=torch.long), torch.tensor(jj, dtype=torch.long)
-
-
-class _WeightedBagSum(torch.autograd.Function):
-    """``out[t] = sum_j w[t, j] * W[idx[t, j]]``, i.e. ``embedding_bag(mode='sum')``, with a faster CPU backward.
-
-    torch's gradient for ``per_sample_weights`` loops over all ``T * B`` reads on one thread; here it is one
-    sampled dense-dense matmul (``torch.sparse.sampled_addmm``: ``<grad[t], W[idx[t, j]]>``), which runs on
-    all cores. The value-table gradient is torch's own dense embedding-bag backward. Same numbers.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, idx: torch.Tensor, w: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        # idx (T, B) int64, w (T, B) in table's dtype, table (V, D) -> out (T, D)
-        T, B = idx.shape
-        flat, w_flat = idx.reshape(-1), w.reshape(-1)  # (T*B,)
-        offsets = torch.arange(0, T * B, B, device=idx.device)  # (T,)
-        out, _, _, max_idx = torch.ops.aten._embedding_bag(table, flat, offsets, False, 0, False, w_flat, False, -1)
-        # (the CPU fast path may leave offset2bag unfilled; for fixed-size bags it is known anyway)
-        offset2bag = torch.arange(T, device=idx.device).repeat_interleave(B)  # (T*B,)
-        bag_size = torch.full((T,), B, dtype=torch.long, device=idx.device)  # (T,)
-        ctx.save_for_backward(flat, w_flat, table, offset2bag, bag_size, max_idx)
-        ctx.shape = (T, B)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, Optional[torch.Tensor], Optional[torch.Tensor]]:
-        flat, w_flat, table, offset2bag, bag_size, max_idx = ctx.saved_tensors
-        T, B = ctx.shape
-        V = table.shape[0]
-        grad = grad.to(table.dtype).contiguous()  # (T, D)
-        grad_w = grad_table = None
-        if ctx.needs_input_grad[1]:
-            crow = torch.arange(0, T * B + 1, B, device=flat.device)  # (T+1,): B reads per token
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-                pattern = torch.sparse_csr_tensor(
-                    crow, flat, torch.zeros_like(w_flat), size=(T, V), check_invariants=False
-                )
-                dots = torch.sparse.sampled_addmm(pattern, grad, table.t(), beta=0.0)  # CSR (T, V)
-            grad_w = dots.values().view(T, B)
-        if ctx.needs_input_grad[2]:
-            grad_table = torch.ops.aten._embedding_bag_dense_backward(
-                grad, flat, offset2bag, bag_size, max_idx, V, False, 0, w_flat, -1
-            )  # (V, D)
-        return None, grad_w, grad_table
 
 
 class ProductKeyMemory(nn.Module):
@@ -202,7 +152,8 @@ class ProductKeyMemory(nn.Module):
         q = self.query_dropout(self.query_norm(q.view(T, 2 * h, dh)))  # (T, 2h, dh)
         # score every half-query against its codebook: (2h, T, dh) @ (2h, dh, K) -> (2h, T, K)
         dots = torch.bmm(q.transpose(0, 1), self.keys.to(q.dtype))
-        scores, idx = dots.float().topk(k, dim=-1)  # (2h, T, k) each
+        scores, idx = dots.topk(k, dim=-1)  # (2h, T, k) each, in the matmul dtype (bf16 topk is faster)
+        scores = scores.float()
         scores = scores.view(2, h, T, k)
         idx = idx.view(2, h, T, k)
         # the best product keys lie within the Cartesian product of the two sorted per-half top-k lists,
@@ -223,13 +174,9 @@ class ProductKeyMemory(nn.Module):
         b, n, _ = x.shape
         indices, weights = self.select(x)  # (T, h*k), (T, h*k)
         w = self.values.weight
-        weights = weights.to(w.dtype)
-        if self.config.fast_backward and not self.config.sparse_values and w.device.type == "cpu":
-            out = _WeightedBagSum.apply(indices, weights, w)  # (T, dim)
-        else:
-            out = F.embedding_bag(
-                indices, w, mode="sum", per_sample_weights=weights, sparse=self.config.sparse_values
-            )  # (T, dim)
+        out = F.embedding_bag(
+            indices, w, mode="sum", per_sample_weights=weights.to(w.dtype), sparse=self.config.sparse_values
+        )  # (T, dim)
         out = self.value_dropout(self.out_norm(out))
         return out.view(b, n, self.dim).to(x.dtype)
 
