@@ -279,6 +279,52 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: Optio
     return torch.matmul(attn.to(v.dtype), v)  # (B, h, n, dh)
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    """y = x / rms(x) * weight in float32 math, with a hand-written backward (fewer passes than autograd's)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float,  # type: ignore[override]
+                out_dtype: torch.dtype) -> torch.Tensor:
+        # x: (..., d) float32; weight: (d,)
+        d = x.shape[-1]
+        sq = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_()  # (..., 1) sum of squares
+        r = torch.rsqrt(sq.div_(d).add_(eps))  # (..., 1) 1 / rms
+        y = (x * r).to(out_dtype) * weight.to(out_dtype)  # (..., d)
+        ctx.save_for_backward(x, weight, r)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
+        x, weight, r = ctx.saved_tensors  # (..., d), (d,), (..., 1)
+        d = x.shape[-1]
+        dx = dw = None
+        if ctx.needs_input_grad[1]:
+            dw = (x * r).mul_(gy).sum(dim=tuple(range(x.dim() - 1))).to(weight.dtype)  # (d,)
+        if ctx.needs_input_grad[0]:
+            gw = gy * weight  # (..., d) float32
+            c = torch.linalg.vecdot(gw, x, dim=-1).unsqueeze(-1).mul_(r.pow(3)).div_(d)  # (..., 1)
+            dx = torch.addcmul(gw.mul_(r), x, c, value=-1.0)  # r * gw - x * r^3 <gw, x> / d
+        return dx, dw, None, None
+
+
+class RMSNorm(nn.Module):
+    """Pre-norm RMSNorm. Under autocast it hands back the autocast dtype: its only consumers are matmuls
+    (and CCA's shift), which would cast anyway, so the float32 copy and a cast pass are saved."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (..., dim) -> (..., dim)
+        device_type = x.device.type
+        out_dtype = x.dtype
+        if torch.is_autocast_enabled(device_type):
+            out_dtype = torch.get_autocast_dtype(device_type)
+        return _RMSNormFunction.apply(x.float(), self.weight, self.eps, out_dtype)
+
+
 class _CrossEntropy(torch.autograd.Function):
     """Mean cross-entropy over the labels that are not ignore_index, from bf16 or float32 logits.
 
@@ -328,7 +374,7 @@ class Residual(nn.Module):
         self.fn = fn
         self.post_norm = post_norm
         self.alpha = alpha
-        self.norm: nn.Module = nn.LayerNorm(dim, eps=eps) if post_norm else nn.RMSNorm(dim, eps=eps)
+        self.norm: nn.Module = nn.LayerNorm(dim, eps=eps) if post_norm else RMSNorm(dim, eps=eps)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         # x: (b, n, dim)
@@ -515,14 +561,14 @@ class RETRO(nn.Module):
         enc_cross = set(range(1, N + 1)) if cfg.enc_cross_attn_layers is None else set(cfg.enc_cross_attn_layers)
         self.encoder = nn.ModuleList(EncoderLayer(cfg, cross=i in enc_cross, alpha=enc_alpha)
                                      for i in range(1, N + 1))
-        self.enc_norm = nn.Identity() if cfg.use_deepnet else nn.RMSNorm(cfg.enc_dim, eps=cfg.norm_eps)
+        self.enc_norm = nn.Identity() if cfg.use_deepnet else RMSNorm(cfg.enc_dim, eps=cfg.norm_eps)
         # the decoder's residual stream grows with depth: normalise it before neighbors attend to it
-        self.ctx_norm = nn.Identity() if cfg.use_deepnet else nn.RMSNorm(cfg.dec_dim, eps=cfg.norm_eps)
+        self.ctx_norm = nn.Identity() if cfg.use_deepnet else RMSNorm(cfg.dec_dim, eps=cfg.norm_eps)
         self.enc_out = nn.Linear(cfg.enc_dim, cfg.dec_dim)
         self.decoder = nn.ModuleList(
             DecoderLayer(cfg, cca=i in cfg.dec_cross_attn_layers, pkm=i in cfg.pkm_layers, alpha=dec_alpha)
             for i in range(1, M + 1))
-        self.dec_norm = nn.Identity() if cfg.use_deepnet else nn.RMSNorm(cfg.dec_dim, eps=cfg.norm_eps)
+        self.dec_norm = nn.Identity() if cfg.use_deepnet else RMSNorm(cfg.dec_dim, eps=cfg.norm_eps)
         self.to_logits = nn.Linear(cfg.dec_dim, cfg.num_tokens, bias=False)
         self._init_weights(enc_beta, dec_beta)
 

@@ -183,6 +183,25 @@ def test_loss_ignores_pad_labels():
     assert torch.allclose(loss, expected, atol=1e-5)
 
 
+def test_rmsnorm_matches_torch():
+    from models.retro import RMSNorm
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 5, 24, generator=g, requires_grad=True)
+    ours, ref = RMSNorm(24, eps=1e-6), torch.nn.RMSNorm(24, eps=1e-6)
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(24, generator=g))
+        ref.weight.copy_(ours.weight)
+    gy = torch.randn(3, 5, 24, generator=g)
+    y1, y2 = ours(x), ref(x)
+    assert torch.allclose(y1, y2, atol=1e-6)
+    g1 = torch.autograd.grad(y1, (x, ours.weight), gy)
+    g2 = torch.autograd.grad(y2, (x, ref.weight), gy)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g1, g2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ours(x).dtype == torch.bfloat16
+
+
 def test_cross_entropy_matches_torch():
     from models.retro import cross_entropy
 
