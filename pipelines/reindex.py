@@ -141,9 +141,8 @@ def _index_settings(base: BaseState, index_key: str, recall_sample: int) -> Inde
 def _full_key(base: BaseState, index_key: str, live_n: int, dim: int, max_memory: str) -> str:
     if index_key:
         return index_key
-    cfg = base.index_manifest.get("config", {})
-    if cfg.get("index_key") or cfg.get("settings", {}).get("index_key"):
-        return base.index_manifest["index_key"]  # the build asked for this family
+    if not base.key_auto:
+        return base.index_manifest["index_key"]  # the build asked for this one
     if base.index_manifest["index_key"] == "Flat" and live_n <= FLAT_COMPARE_MAX and live_n * dim * 4 <= memory_bytes(max_memory):
         return "Flat"  # the build found exact search cheapest, and it still fits
     return choose_index_key(live_n, dim, max_memory)
@@ -215,7 +214,8 @@ def update_versions(out: Location, base: BaseState, *, index_key: str, max_growt
                        "removed_since_full": 0}
         reindex = {"mode": mode, "reason": why, "base_index": base.index_version, "base_neighbors": base.neighbors_version,
                    "chunks_covered": info.n, "tombstone_parts": tomb.parts, "tombstones_fingerprint": tomb.fingerprint,
-                   "added": result["added"], "removed": result["removed"], **lineage}
+                   "added": result["added"], "removed": result["removed"],
+                   "index_key_auto": base.key_auto and not index_key, **lineage}
         if result["ntotal"] != info.n - tomb.chunks:
             raise RuntimeError(f"index/{version} holds {result['ntotal']} vectors, but {info.n - tomb.chunks} chunks "
                                "are live; not publishing it")
@@ -256,6 +256,30 @@ def _done_neighbors(out: Location, version: str) -> NeighborsUpdate:
         len(m["parts"]), m.get("recall_at_k"), 0.0)
 
 
+def index_and_publish(out: Location, lock: ReindexLock, base: BaseState, *, index_key: str, max_growth: float,
+                      min_recall: float, full: bool, keep: int, recall_sample: int, concurrency: int, config: dict,
+                      summary: ReindexSummary) -> None:
+    """Steps 3-6 over whatever ``chunks/`` and ``tombstones/`` hold beyond what LATEST covers (nothing
+    to do: a no-op). The caller holds ``lock``."""
+    tomb = Tombstones.load(out)
+    chunks_total = int(read_manifest(out, "chunks")["totals"]["chunks"])
+    new_ids, new_tombs = pending_work(base, chunks_total, tomb)
+    summary.base = (base.index_version, base.neighbors_version)
+    if not (new_ids or new_tombs or full):
+        summary.index_version, summary.neighbors_version = summary.base
+        return
+    concurrency = concurrency or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    update_versions(out, base, index_key=index_key, max_growth=max_growth, min_recall=min_recall, full=full,
+                    recall_sample=recall_sample, concurrency=concurrency, config=config, summary=summary)
+    im = read_manifest(out, f"index/{summary.index_version}")
+    publish(out, lock, base={"index": base.index_version, "neighbors": base.neighbors_version},
+            index_version=summary.index_version, neighbors_version=summary.neighbors_version, index_manifest=im,
+            k=base.k, extra={"chunks_total": chunks_total, "live_chunks": chunks_total - tomb.chunks,
+                             "tombstone_parts": tomb.parts, "reindex": im["reindex"]["mode"]})
+    summary.removed_versions = remove_old_versions(out, keep, {"index": summary.index_version,
+                                                               "neighbors": summary.neighbors_version})
+
+
 def run_reindex(*, corpus: list[str], out: Location, text_field: str = "", index_key: str = "", max_growth: float = 0.25,
                 min_recall: float = 0.9, full: bool = False, keep: int = 2, lock_ttl: float = 600.0,
                 recall_sample: int = 0, concurrency: int = 0, config: dict | None = None) -> ReindexSummary:
@@ -276,25 +300,9 @@ def run_reindex(*, corpus: list[str], out: Location, text_field: str = "", index
         if not summary.delta.empty:
             lock.verify()
             summary.append = append_delta(out, summary.delta, settings, tomb, f"{summary.started}-{uuid.uuid4().hex[:8]}")
-            tomb = Tombstones.load(out)
-        chunks_total = int(read_manifest(out, "chunks")["totals"]["chunks"])
-        new_ids, new_tombs = pending_work(base, chunks_total, tomb)
-        if new_ids or new_tombs or full:
-            concurrency = concurrency or max(1, int(ray.cluster_resources().get("CPU", 1)))
-            update_versions(out, base, index_key=index_key, max_growth=max_growth, min_recall=min_recall, full=full,
-                            recall_sample=recall_sample, concurrency=concurrency, config=config or {},
-                            summary=summary)
-            im = read_manifest(out, f"index/{summary.index_version}")
-            live = chunks_total - tomb.chunks
-            publish(out, lock, base={"index": base.index_version, "neighbors": base.neighbors_version},
-                    index_version=summary.index_version, neighbors_version=summary.neighbors_version,
-                    index_manifest=im, k=base.k,
-                    extra={"chunks_total": chunks_total, "live_chunks": live, "tombstone_parts": tomb.parts,
-                           "reindex": im["reindex"]["mode"]})
-            summary.removed_versions = remove_old_versions(out, keep, {"index": summary.index_version,
-                                                                       "neighbors": summary.neighbors_version})
-        else:
-            summary.index_version, summary.neighbors_version = summary.base
+        index_and_publish(out, lock, base, index_key=index_key, max_growth=max_growth, min_recall=min_recall,
+                          full=full, keep=keep, recall_sample=recall_sample, concurrency=concurrency,
+                          config=config or {}, summary=summary)
         summary.seconds = time.perf_counter() - start
         append_history(out, summary.history())
         return summary

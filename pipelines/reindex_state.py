@@ -44,6 +44,15 @@ class BaseState:
         return self.index_manifest["metric"]
 
     @property
+    def key_auto(self) -> bool:
+        """Whether the build chose the index key itself (a full rebuild may then choose again for its size)."""
+        r = self.index_manifest.get("reindex")
+        if r and "index_key_auto" in r:
+            return bool(r["index_key_auto"])
+        cfg = self.index_manifest.get("config", {})
+        return not (cfg.get("index_key") or cfg.get("settings", {}).get("index_key"))
+
+    @property
     def extra_neighbors(self) -> int:
         return int(self.index_manifest.get("extra_neighbors", 10))
 

@@ -89,11 +89,47 @@ def reindex(corpus: Path, out: Path, **kw):
                        **({"max_growth": 1.0} | kw))
 
 
+def _reindex_proc(corpus: Path, out: Path, *extra: str) -> subprocess.Popen:
+    import ray
+
+    return subprocess.Popen([sys.executable, "-m", "jobs.reindex", "--corpus", str(corpus), "--out", str(out),
+                             "--max-growth", "1", "--ray-address", ray.get_runtime_context().gcs_address, *extra],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 @pytest.fixture(scope="module")
 def reindexed(base, tmp_path_factory):
-    d = tmp_path_factory.mktemp("reindexed")
-    corpus, out = copy_base(base, d)
-    return corpus, out, reindex(corpus, out)
+    """Two concurrent `python -m jobs.reindex` runs on one copy of the base (the second starts while
+    the first holds the lock), with LATEST watched throughout."""
+    corpus, out = copy_base(base, tmp_path_factory.mktemp("reindexed"))
+    first = json.loads(latest_bytes(out))
+    seen, stop = [], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            try:
+                rec = json.loads(latest_bytes(out))
+                seen.append((int(rec["index"][1:]), int(rec["neighbors"][1:])))
+            except (OSError, ValueError):
+                seen.append(None)
+            time.sleep(0.01)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    procs = [_reindex_proc(corpus, out)]
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "reindex" / "_lock.json").exists() and procs[0].poll() is None:
+            time.sleep(0.01)
+        procs.append(_reindex_proc(corpus, out))
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        stop.set()
+        t.join(5)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return corpus, out, {"codes": [p.returncode for p in procs], "outputs": outputs, "seen": seen, "first": first}
 
 
 @pytest.fixture(scope="module")
@@ -137,13 +173,13 @@ def latest_bytes(out: Path) -> bytes:
 
 
 def test_reindex_gives_the_neighbors_of_a_full_rebuild(reindexed, rebuilt):
-    corpus, out, s = reindexed
-    assert s.action == "incremental", s.lines()
-    d = s.delta
-    assert (len(d.added), len(d.changed), len(d.removed), d.unchanged) == (1, 1, 1, 3)
-    n = s.neighbors
+    corpus, out, runs = reindexed
+    h = next(h for h in read_history(open_location(str(out))) if h["action"] == "incremental")
+    assert h["action"] == "incremental", runs["outputs"][0]
+    assert [h[f"documents_{x}"] for x in ("added", "changed", "removed", "unchanged")] == [1, 1, 1, 3]
+    n = h["neighbors"]
     # every path ran: new chunks searched, old ones re-searched (lost a neighbor), checked and updated, dead dropped
-    assert n.rows_new > 0 and n.rows_researched > 0 and n.rows_checked > 0 and n.rows_updated > 0 and n.rows_dropped > 0
+    assert all(n[f"rows_{x}"] > 0 for x in ("new", "researched", "checked", "updated", "dropped")), n
     mine, full = neighbors_by_key(out), neighbors_by_key(rebuilt)
     assert mine.keys() == full.keys() and len(mine) > 100
     differ = 0
@@ -152,14 +188,14 @@ def test_reindex_gives_the_neighbors_of_a_full_rebuild(reindexed, rebuilt):
         assert np.allclose(dist, dist2, rtol=1e-3, atol=1e-3), (key, nb, dist, nb2, dist2)
         differ += nb != nb2  # only where equal distances allow another order
     assert differ <= len(mine) * 0.01
-    text = "\n".join(s.lines())
+    text = runs["outputs"][0]
     for phrase in ("1 added, 1 changed, 1 removed", "new chunks searched", "searched again", "checked against the new",
                    "tombstoned chunks dropped", "LATEST -> index"):
         assert phrase in text, text
 
 
 def test_ids_are_never_reused_and_old_parts_stay_byte_identical(base, reindexed):
-    _, out, s = reindexed
+    _, out, _ = reindexed
     old = base / "base"
     for folder in ("docs", "chunks", "seqs", "quarantine", "embeddings"):
         for p in sorted((old / folder).glob("part-*")):
@@ -177,7 +213,7 @@ def test_ids_are_never_reused_and_old_parts_stay_byte_identical(base, reindexed)
 
 
 def test_tombstoned_chunks_are_gone_from_index_and_neighbors(reindexed):
-    _, out, s = reindexed
+    _, out, _ = reindexed
     loc = open_location(str(out))
     tomb = Tombstones.load(loc)
     t = pq.read_table(out / "tombstones")
@@ -198,37 +234,29 @@ def test_tombstoned_chunks_are_gone_from_index_and_neighbors(reindexed):
     live = np.setdiff1d(np.arange(len(reader)), dead)
     nb, _ = reader.lookup(live)
     assert not np.isin(nb, dead).any() and (nb >= 0).all()
-    h = read_history(loc)[-1]
+    h = next(h for h in read_history(loc) if h["action"] == "incremental")
     assert h["action"] == "incremental" and h["documents_added"] == 1 and h["documents_changed"] == 1
-    assert h["documents_removed"] == 1 and h["chunks_added"] == s.append.chunks > 0 and h["seconds"] > 0
+    assert h["documents_removed"] == 1 and h["seconds"] > 0
+    assert h["chunks_added"] == latest["chunks_total"] - read_manifest(loc, "embeddings")["parts"][0]["rows"] > 0
     assert h["version"] == {"index": latest["index"], "neighbors": latest["neighbors"]}
 
 
-def test_cli_rerun_is_a_no_op_and_every_repeats(reindexed):
-    import ray
+def test_rerun_is_a_no_op_and_every_repeats(reindexed, capsys):
+    from jobs.reindex import main
 
     corpus, out, _ = reindexed
     before = latest_bytes(out)
     versions = list_versions(open_location(str(out)), "index"), list_versions(open_location(str(out)), "neighbors")
     history = len(read_history(open_location(str(out))))
-    r = subprocess.run([sys.executable, "-m", "jobs.reindex", "--corpus", str(corpus), "--out", str(out),
-                        "--every", "1s", "--runs", "2", "--ray-address", ray.get_runtime_context().gcs_address],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("nothing to do") == 2 and "next run in" in r.stdout, r.stdout
+    capsys.readouterr()
+    assert main(["--corpus", str(corpus), "--out", str(out), "--every", "1s", "--runs", "2"]) == 0  # this process' Ray
+    stdout = capsys.readouterr().out
+    assert stdout.count("nothing to do") == 2 and "next run in" in stdout, stdout
     assert latest_bytes(out) == before
     assert (list_versions(open_location(str(out)), "index"), list_versions(open_location(str(out)), "neighbors")) == versions
     lines = read_history(open_location(str(out)))[history:]
     assert [h["action"] for h in lines] == ["no-op", "no-op"] and lines[0]["documents_unchanged"] == 5
     assert not (out / "reindex" / "_lock.json").exists() and not (out / "chunks" / "_staging").exists()
-
-
-def _reindex_proc(corpus: Path, out: Path, *extra: str) -> subprocess.Popen:
-    import ray
-
-    return subprocess.Popen([sys.executable, "-m", "jobs.reindex", "--corpus", str(corpus), "--out", str(out),
-                             "--max-growth", "1", "--ray-address", ray.get_runtime_context().gcs_address, *extra],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def test_killed_reindex_leaves_latest_and_the_next_run_resumes(base, reindexed, tmp_path):
@@ -263,44 +291,18 @@ def test_killed_reindex_leaves_latest_and_the_next_run_resumes(base, reindexed, 
     assert np.array_equal(a[0], b[0]) and np.allclose(a[1], b[1])
 
 
-def test_two_concurrent_runs_exactly_one_publishes(base, tmp_path):
-    corpus, out = copy_base(base, tmp_path)
-    first = json.loads(latest_bytes(out))
-    seen, stop = [], threading.Event()
-
-    def watch():
-        while not stop.is_set():
-            try:
-                rec = json.loads(latest_bytes(out))
-                seen.append((int(rec["index"][1:]), int(rec["neighbors"][1:])))
-            except (OSError, ValueError):
-                seen.append(None)
-            time.sleep(0.01)
-
-    t = threading.Thread(target=watch, daemon=True)
-    t.start()
-    procs = [_reindex_proc(corpus, out)]
-    try:
-        deadline = time.time() + 120  # the second starts while the first holds the lock
-        while time.time() < deadline and not (out / "reindex" / "_lock.json").exists() and procs[0].poll() is None:
-            time.sleep(0.01)
-        procs.append(_reindex_proc(corpus, out))
-        outputs = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        stop.set()
-        t.join(5)
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    codes = sorted(p.returncode for p in procs)
-    assert codes == [0, 75], outputs
-    loser = outputs[[p.returncode for p in procs].index(75)]
+def test_two_concurrent_runs_exactly_one_publishes(reindexed):
+    corpus, out, runs = reindexed
+    assert runs["codes"] == [0, 75], runs["outputs"]
+    loser = runs["outputs"][1]
     assert "another re-index run holds the lock" in loser and "nothing published" in loser
+    seen = runs["seen"]
     assert None not in seen and seen == sorted(seen)  # always readable, never backwards
-    final = resolve_latest(str(out))
-    assert seen[0] == (int(first["index"][1:]), int(first["neighbors"][1:])) and int(final["index"][1:]) > seen[0][0]
-    actions = [h["action"] for h in read_history(open_location(str(out)))]
-    assert sorted(actions) == ["incremental", "skipped"]
+    first, final = runs["first"], resolve_latest(str(out))
+    assert seen[0] == (int(first["index"][1:]), int(first["neighbors"][1:]))
+    assert seen[-1] == (int(final["index"][1:]), int(final["neighbors"][1:])) and seen[-1] > seen[0]
+    assert len(set(seen)) == 2  # one swap: exactly one run published
+    assert sorted(h["action"] for h in read_history(open_location(str(out)))[:2]) == ["incremental", "skipped"]
 
 
 # ----------------------------------------------------------------------------- lock and publish guards
@@ -391,3 +393,101 @@ def test_cli_help_and_errors(tmp_path):
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "--every must look like" in r.stderr
     assert parse_every("6h") == 21600 and parse_every("1h30m") == 5400 and parse_every("") == 0
+
+
+# ----------------------------------------------------------------------------- the index update itself (synthetic build)
+
+
+def _manifest_with(out, folder: str, parts: list[dict], **totals) -> None:
+    from pipelines.reindex_append import _write_manifest_dict
+
+    m = read_manifest(out, folder)
+    _write_manifest_dict(out, folder, m | {"parts": parts, "totals": m["totals"] | totals})
+
+
+def _update(out, **kw):
+    from pipelines.reindex import ReindexSummary, index_and_publish
+    from pipelines.reindex_lock import ReindexLock
+    from pipelines.reindex_state import base_state
+
+    lock = ReindexLock(out)
+    lock.acquire()
+    try:
+        s = ReindexSummary(out.url, "now")
+        args = dict(index_key="", max_growth=1.0, min_recall=0.5, full=False, keep=1, recall_sample=300,
+                    concurrency=2, config={})
+        index_and_publish(out, lock, base_state(out), **(args | kw), summary=s)
+        return s
+    finally:
+        lock.release()
+
+
+def _tombstone(out, docs: list[int], first: np.ndarray, sizes: np.ndarray) -> None:
+    from pipelines.manifest import write_manifest
+    from pipelines.tombstones import tombstones_table, write_tombstones_part
+
+    m = read_manifest(out, "tombstones")
+    parts = m["parts"] if m else []
+    t = tombstones_table(docs, first[docs], sizes[docs], [f"synthetic://doc/{d}" for d in docs], ["removed"] * len(docs))
+    parts = parts + [write_tombstones_part(out, len(parts), t)]
+    write_manifest(out, "tombstones", stage="reindex", parts=parts, config={},
+                   totals={"documents": sum(p["documents"] for p in parts), "chunks": sum(p["chunks"] for p in parts)})
+
+
+def test_ivf_update_reuses_quantizers_then_drift_rebuilds(tmp_path):
+    """An IVF build published over 3 of 4 parts; the 4th part is appended and some documents
+    tombstoned, as a re-index's append leaves them. The update keeps the trained centroids, and its
+    neighbors match brute force over the live chunks; growth past --max-growth rebuilds and says why."""
+    import faiss
+
+    from pipelines.index import run_index
+    from pipelines.neighbors import run_neighbors
+    from tests.helpers_embeddings import brute_force_neighbors, load_embeddings, write_synthetic_build
+
+    b = write_synthetic_build(str(tmp_path / "s"), n_chunks=4000, dim=32, parts=4, mean_doc_chunks=20, seed=5)
+    out = b.out
+    full = {f: read_manifest(out, f) for f in ("docs", "chunks", "embeddings")}
+    n3 = sum(b.part_rows[:3])
+    for f in full:
+        _manifest_with(out, f, full[f]["parts"][:3], chunks=n3)
+    hidden = tmp_path / "hidden.npy"
+    os.replace(out.path("embeddings/part-00003.npy"), hidden)  # the build reads every .npy in the folder
+    s0 = run_index(out=out, index_key="IVF16,Flat", k=3, extra_neighbors=4, concurrency=2)
+    run_neighbors(out=out, index_version=s0.version, k=3, extra_neighbors=4, concurrency=2)
+    os.replace(hidden, out.path("embeddings/part-00003.npy"))
+    for f in full:  # the "append": part 4 listed again, three old documents tombstoned
+        _manifest_with(out, f, full[f]["parts"], chunks=4000)
+    _tombstone(out, [0, 7, 30], b.doc_first, b.doc_sizes)
+
+    s = _update(out)
+    assert s.action == "incremental" and s.index_version != s0.version, s.lines()
+    def centroids(version=None):
+        index = open_index(out, version)  # kept alive while its IVF part is read
+        return faiss.extract_index_ivf(index).quantizer.reconstruct_n(0, 16).copy()
+
+    before, after = centroids(s0.version), centroids(s.index_version)
+    assert np.array_equal(before, after)  # no retraining
+    tomb = Tombstones.load(out)
+    dead = tomb.chunk_ids()
+    assert open_index(out).ntotal == 4000 - len(dead) and s.index_added == 4000 - n3 and s.index_removed == len(dead)
+    n = s.neighbors
+    assert n.rows_new == 4000 - n3 and n.rows_dropped == len(dead) and n.rows_checked > 0 and n.rows_researched > 0
+    x = load_embeddings(b)
+    live = np.setdiff1d(np.arange(4000), dead)
+    found, _ = NeighborsReader(out).lookup(live)
+    assert not np.isin(found, dead).any()
+    xl = x.copy()
+    xl[dead] = 1e6  # brute force over the live chunks only
+    exact, _ = brute_force_neighbors(xl, b.doc_first, 3, queries=live)
+    recall = np.mean([len(set(f) & set(e)) / 3 for f, e in zip(found, exact)])
+    assert recall >= 0.9, recall
+    assert (NeighborsReader(out).lookup(dead)[0] == -1).all()
+    assert list_versions(out, "index") == [s0.version, s.index_version]  # --keep 1
+
+    _tombstone(out, [40], b.doc_first, b.doc_sizes)  # any change: growth since the full build is now 1000/3000
+    s2 = _update(out, max_growth=0.2)
+    assert s2.action == "full" and "over --max-growth 20%" in s2.reason and "full rebuild" in "\n".join(s2.lines())
+    m = read_manifest(out, f"index/{s2.index_version}")["reindex"]
+    assert m["full_build"] == s2.index_version and m["added_since_full"] == 0
+    assert s2.neighbors.rows_researched == 4000 - len(Tombstones.load(out).chunk_ids())
+    assert not np.array_equal(before, centroids())  # trained again
