@@ -41,6 +41,7 @@ class RetroTrainConfig(CommonTrainConfig):
                              "build's --seq-len (each build sequence then gives several samples); 0 = the build's")
     num_neighbors: int = option(0, "neighbors per chunk fed to the model (at most the build's k); 0 = all")
     eval_fraction: float = option(0.05, "fraction of sequences held out for evaluation (a deterministic hash split)")
+    eval_batches: int = option(4, "batches of --batch-size held-out sequences per evaluation")
     shuffle_buffer: int = option(2048, "rows shuffled together (whole sample parts are grouped up to this size)")
     data_partitions: int = option(0, "shuffle partitions of the sample join; 0 = one per seqs part")
 
@@ -48,8 +49,8 @@ class RetroTrainConfig(CommonTrainConfig):
         super().__post_init__()
         if self.seq_len < 0 or self.num_neighbors < 0 or self.data_partitions < 0:
             raise ValueError("--seq-len, --num-neighbors and --data-partitions must not be negative")
-        if self.shuffle_buffer <= 0:
-            raise ValueError(f"--shuffle-buffer must be positive, got {self.shuffle_buffer}")
+        if self.shuffle_buffer <= 0 or self.eval_batches <= 0:
+            raise ValueError("--shuffle-buffer and --eval-batches must be positive")
 
 
 def main(argv: list[str] | None = None) -> int:

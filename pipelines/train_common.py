@@ -73,7 +73,6 @@ class CommonTrainConfig:
     grad_clip: float = option(1.0, "clip the global gradient norm to this; 0 = off")
     log_every: int = option(10, "write a train row to metrics.jsonl every this many steps")
     eval_every: int = option(50, "evaluate every this many steps (and at --max-steps); 0 = only at the end")
-    eval_batches: int = option(4, "batches of --batch-size held-out rows per evaluation")
     checkpoint_every: int = option(50, "checkpoint every this many steps (and at --max-steps); 0 = only at the end")
     keep_checkpoints: int = option(2, "checkpoints kept (the newest)")
     seed: int = option(0, "seed of the model init and of the data order")
@@ -87,7 +86,7 @@ class CommonTrainConfig:
             raise ValueError("--data is required (the URL of a build made by jobs.build_index)")
         if not self.out:
             raise ValueError("--out is required (where checkpoints and metrics.jsonl go)")
-        positive = ("max_steps", "batch_size", "num_workers", "log_every", "eval_batches", "keep_checkpoints")
+        positive = ("max_steps", "batch_size", "num_workers", "log_every", "keep_checkpoints")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
