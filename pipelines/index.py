@@ -15,7 +15,9 @@ workload (every chunk queried once, in big batches):
   the smallest value whose *filtered* neighbor recall@k reaches ``target_recall`` within
   ``max_query_ms`` per query. autofaiss maximises recall under the latency bound instead, which
   gave the seed efSearch in the thousands and 80-90 s of neighbor search on 18k chunks.
-Below ``FLAT_MAX_VECTORS`` an exact flat index is cheapest. ``index_key`` overrides the choice.
+Below ``FLAT_MAX_VECTORS`` an exact flat index is cheapest; up to ``FLAT_COMPARE_MAX`` the
+single-node build measures exact search on the sample and keeps it unless the tuned index reaches
+the target recall faster (at the seed's 18k chunks, exact search wins). ``index_key`` overrides.
 
 Two build paths:
 - single node (N <= ``single_node_max_vectors``): autofaiss builds in-process, reading the
@@ -307,7 +309,6 @@ def build_and_tune_single(out: Location, info: EmbeddingsInfo, bounds: DocBounds
     return index, key, param, chosen, tried, build_seconds, tune_seconds, sample
 
 
-
 def build_single_node(out: Location, info: EmbeddingsInfo, key: str, metric: str, seed: str):
     """autofaiss builds the index in-process from the embeddings folder (embedding-reader)."""
     from autofaiss.indices.build import add_embeddings_to_index_local
@@ -369,6 +370,7 @@ class IndexSummary:
     up_to_date: bool = False
     tried: list = field(default_factory=list)
     peak_rss_mb: dict = field(default_factory=dict)  # per worker role (or the driver), MiB
+    build_cpu_seconds: float = 0.0  # CPU time of the workers that built it (the driver's on one node)
 
     def lines(self) -> list[str]:
         if self.up_to_date:
@@ -421,8 +423,10 @@ def run_index(*, out: Location, index_key: str = "", max_index_memory: str = "4G
     print(f"index: building {folder} ({mode}) over {info.n} chunks of dim {info.dim} with {how}", flush=True)
 
     if mode == "single":
+        cpu = time.process_time()
         index, key, param, chosen, tried, build_seconds, tune_seconds, sample = build_and_tune_single(
             out, info, bounds, settings, key, not index_key, fp, concurrency)
+        build_cpu = time.process_time() - cpu  # the driver's, tuning included
         layout, files, ntotal = "single", ["knn.index"], int(index.ntotal)
         write_index_file(out, f"{folder}/knn.index", index)
         del index
@@ -431,7 +435,7 @@ def run_index(*, out: Location, index_key: str = "", max_index_memory: str = "4G
         from pipelines.index_distributed import build_distributed, tune_remote
 
         t = time.perf_counter()
-        layout, files, ntotal, peaks = build_distributed(out, info, folder, key, metric, fp, concurrency)
+        layout, files, ntotal, peaks, build_cpu = build_distributed(out, info, folder, key, metric, fp, concurrency)
         build_seconds = time.perf_counter() - t
         t = time.perf_counter()
         sample = compute_recall_sample(out, info, bounds, settings, fp, use_ray=True, concurrency=concurrency)
@@ -452,7 +456,8 @@ def run_index(*, out: Location, index_key: str = "", max_index_memory: str = "4G
         "recall_sample": len(sample.ids), "query_ms": chosen["ms_per_query"], "max_query_ms": max_query_ms,
         "target_recall": target_recall, "extra_neighbors": extra_neighbors, "tuning": tried,
         "build_seconds": round(build_seconds, 3), "tune_seconds": round(tune_seconds, 3),
-        "peak_rss_mb": peaks, "faiss_version": _faiss_version(), "autofaiss_version": _autofaiss_version(),
+        "build_cpu_seconds": round(build_cpu, 3), "peak_rss_mb": peaks,
+        "faiss_version": _faiss_version(), "autofaiss_version": _autofaiss_version(),
     }
     write_bytes_atomic(out, f"{folder}/index_infos.json", json.dumps(infos, indent=2, sort_keys=True).encode())
     entries += [file_entry(out, f"{folder}/{f}", f) for f in ("index_infos.json", "recall_sample.npz")]
@@ -468,7 +473,7 @@ def run_index(*, out: Location, index_key: str = "", max_index_memory: str = "4G
                           "neighbor_recall_at_k": chosen["neighbor_recall"], "query_ms": chosen["ms_per_query"]})
     return IndexSummary(version, key, param, mode, layout, info.n, ntotal, size, chosen["recall"],
                         chosen["neighbor_recall"], chosen["ms_per_query"], k, time.perf_counter() - start,
-                        build_seconds, tune_seconds, tried=tried, peak_rss_mb=peaks)
+                        build_seconds, tune_seconds, tried=tried, peak_rss_mb=peaks, build_cpu_seconds=build_cpu)
 
 
 def _faiss_version() -> str:

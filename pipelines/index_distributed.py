@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 
 import numpy as np
@@ -54,17 +55,19 @@ def gather_part_task(out_url: str, part: dict, local_rows: np.ndarray) -> np.nda
 
 
 @ray.remote
-def train_task(out_url: str, rel: str, key: str, dim: int, metric: str, sample_refs: list, threads: int) -> float:
+def train_task(out_url: str, rel: str, key: str, dim: int, metric: str, sample_refs: list,
+               threads: int) -> tuple[float, float]:
     import faiss
 
     from pipelines.index import faiss_metric, write_index_file
 
     _set_threads(threads)
+    cpu = time.process_time()
     x = np.concatenate(ray.get(sample_refs))
     index = faiss.index_factory(dim, key, faiss_metric(metric))
     index.train(x)
     write_index_file(open_location(out_url), rel, index)
-    return peak_rss_mb()
+    return peak_rss_mb(), time.process_time() - cpu
 
 
 @ray.remote(num_cpus=1)
@@ -76,6 +79,7 @@ def add_part_task(out_url: str, part: dict, key: str, dim: int, metric: str, tra
     from pipelines.index import faiss_metric, write_index_file
 
     _set_threads(1)
+    cpu = time.process_time()
     out = open_location(out_url)
     p = EmbeddingPart.from_dict(part)
     with tempfile.TemporaryDirectory() as d:
@@ -89,15 +93,17 @@ def add_part_task(out_url: str, part: dict, key: str, dim: int, metric: str, tra
     if index.ntotal != p.rows:
         raise RuntimeError(f"part {p.path}: added {index.ntotal} of {p.rows} rows")
     write_index_file(out, shard_rel, index)
-    return file_entry(out, shard_rel, shard_rel.rsplit("/", 1)[-1], ntotal=int(index.ntotal), peak_rss_mb=peak_rss_mb())
+    return file_entry(out, shard_rel, shard_rel.rsplit("/", 1)[-1], ntotal=int(index.ntotal), peak_rss_mb=peak_rss_mb(),
+                      cpu_seconds=round(time.process_time() - cpu, 3))
 
 
 @ray.remote(num_cpus=1)
-def merge_task(out_url: str, folder: str, trained_rel: str, shard_rels: list[str]) -> tuple[int, float]:
+def merge_task(out_url: str, folder: str, trained_rel: str, shard_rels: list[str]) -> tuple[int, float, float]:
     """Merge the IVF shards' inverted lists into one on-disk ``knn.ivfdata`` next to ``knn.index``."""
     import faiss
     from faiss.contrib.ondisk import merge_ondisk
 
+    cpu = time.process_time()
     out = open_location(out_url)
     work = out.path(f"{folder}/_build/merge-{uuid.uuid4().hex}") if out.is_local else tempfile.mkdtemp()
     os.makedirs(work, exist_ok=True)
@@ -117,7 +123,7 @@ def merge_task(out_url: str, folder: str, trained_rel: str, shard_rels: list[str
         if not out.is_local:
             put_file(out, f"{folder}/knn.ivfdata", ivfdata, move=True)
         put_file(out, f"{folder}/knn.index", local_index, move=True)
-        return ntotal, peak_rss_mb()
+        return ntotal, peak_rss_mb(), time.process_time() - cpu
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -148,15 +154,16 @@ def train_distributed(out: Location, info: EmbeddingsInfo, build: str, key: str,
         part = info.parts[p]
         refs.append(gather_part_task.remote(out.url, part.to_dict(), ids[owner == p] - part.offset))
     threads = min(concurrency, _max_node_cpus())
-    peak = ray.get(train_task.options(num_cpus=threads).remote(out.url, rel, key, info.dim, metric, refs, threads))
-    entry = file_entry(out, rel, "trained.index", peak_rss_mb=peak)
+    peak, cpu = ray.get(train_task.options(num_cpus=threads).remote(out.url, rel, key, info.dim, metric, refs, threads))
+    entry = file_entry(out, rel, "trained.index", peak_rss_mb=peak, cpu_seconds=round(cpu, 3))
     write_bytes_atomic(out, f"{build}/trained.index.json", json.dumps(entry).encode())
     return rel
 
 
 def build_distributed(out: Location, info: EmbeddingsInfo, folder: str, key: str, metric: str, seed: str,
-                      concurrency: int) -> tuple[str, list[str], int, dict]:
-    """Returns (layout, index files relative to ``folder``, ntotal, peak RSS MiB per worker role)."""
+                      concurrency: int) -> tuple[str, list[str], int, dict, float]:
+    """Returns (layout, index files relative to ``folder``, ntotal, peak RSS MiB per worker role,
+    CPU-seconds the workers spent)."""
     import faiss
 
     from pipelines.index import faiss_metric
@@ -197,14 +204,18 @@ def build_distributed(out: Location, info: EmbeddingsInfo, folder: str, key: str
         entries[p.index] = e
     ntotal = sum(int(entries[p.index]["ntotal"]) for p in parts)
     peaks = {"add_task": max(float(e.get("peak_rss_mb", 0)) for e in entries.values())}
-    if trained_rel and _sidecar_valid(out, build, "trained.index"):
-        peaks["train_task"] = float(_sidecar_valid(out, build, "trained.index").get("peak_rss_mb", 0))
+    cpu = sum(float(e.get("cpu_seconds", 0)) for e in entries.values())
+    trained = _sidecar_valid(out, build, "trained.index") if trained_rel else None
+    if trained:
+        peaks["train_task"] = float(trained.get("peak_rss_mb", 0))
+        cpu += float(trained.get("cpu_seconds", 0))
     shard_rels = [f"{build}/{names[p.index]}" for p in parts]
     if is_ivf:
-        merged, peaks["merge_task"] = ray.get(merge_task.remote(out.url, folder, trained_rel, shard_rels))
+        merged, peaks["merge_task"], merge_cpu = ray.get(merge_task.remote(out.url, folder, trained_rel, shard_rels))
+        cpu += merge_cpu
         if merged != ntotal:
             raise RuntimeError(f"on-disk merge produced {merged} vectors, the shards hold {ntotal}")
-        return "ondisk", ["knn.index", "knn.ivfdata"], ntotal, peaks
+        return "ondisk", ["knn.index", "knn.ivfdata"], ntotal, peaks, cpu
     files = []
     for p, rel in zip(parts, shard_rels):
         name = f"shards/{names[p.index]}"
@@ -213,7 +224,7 @@ def build_distributed(out: Location, info: EmbeddingsInfo, folder: str, key: str
         else:
             out.fs.copy(out.path(rel), out.path(f"{folder}/{name}"))
         files.append(name)
-    return "shards", files, ntotal, peaks
+    return "shards", files, ntotal, peaks, cpu
 
 
 @ray.remote(num_cpus=1)

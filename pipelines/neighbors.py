@@ -75,7 +75,7 @@ class NeighborsWorker:
             entry = json.loads(read_bytes(self.out, sidecar))
             if part_is_valid(self.out, self.folder, entry) and entry["rows"] == part.rows:
                 return entry | {"kept": True, "peak_rss_mb": peak_rss_mb()}
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         chunk_ids = read_part_ids(self.out, part)
         npy = NpyPart(self.out, part_rel(part))
         ids = np.empty((part.rows, self.k), np.int64)
@@ -91,7 +91,8 @@ class NeighborsWorker:
         entry = entry | {"path": name, "first_chunk_id": part.offset, "pad_rows": int((ids < 0).any(1).sum()),
                          "short_rows": int(short.sum())}
         write_bytes_atomic(self.out, sidecar, json.dumps(entry).encode())
-        return entry | {"kept": False, "seconds": round(time.perf_counter() - t, 3), "peak_rss_mb": peak_rss_mb()}
+        return entry | {"kept": False, "seconds": round(time.perf_counter() - t, 3), "peak_rss_mb": peak_rss_mb(),
+                        "cpu_seconds": round(time.process_time() - cpu, 3)}
 
     def run(self, part: dict) -> dict:
         return self.part(EmbeddingPart.from_dict(part))
@@ -149,6 +150,7 @@ class NeighborsSummary:
     cpus_per_actor: int = 0
     worker_seconds: float = 0.0
     actor_peak_rss_mb: float = 0.0
+    cpu_seconds: float = 0.0  # CPU time of the actors searching (all their threads)
 
     def lines(self) -> list[str]:
         if self.up_to_date:
@@ -255,6 +257,7 @@ def run_neighbors(*, out: Location, index_version: str | None = None, k: int = 2
     kept = sum(1 for e in entries if e.pop("kept"))
     busy = sum(e.pop("seconds", 0.0) for e in entries)
     peak = max(e.pop("peak_rss_mb", 0.0) for e in entries)
+    cpu_s = sum(e.pop("cpu_seconds", 0.0) for e in entries)
     print(f"neighbors: {len(entries) - kept} parts searched in {busy:.1f} worker-seconds by {n_actors} actor(s) "
           f"of {cpus} CPU(s); {kept} kept; actor peak memory {peak:,.0f} MiB", flush=True)
 
@@ -274,7 +277,7 @@ def run_neighbors(*, out: Location, index_version: str | None = None, k: int = 2
     published = _publish(out, index_version, version, im, k) if publish else False
     return NeighborsSummary(version, index_version, info.n, k, pads, len(parts), kept, recall,
                             time.perf_counter() - start, published, actors=n_actors, cpus_per_actor=cpus,
-                            worker_seconds=busy, actor_peak_rss_mb=peak)
+                            worker_seconds=busy, actor_peak_rss_mb=peak, cpu_seconds=cpu_s)
 
 
 @dataclass
