@@ -251,6 +251,7 @@ def report() -> None:
     roles = sorted({k for r in runs for k in r["peak_rss_mb"] if k != "benchmark_driver"})
     for role in roles:
         ax[1].semilogx(ns, [r["peak_rss_mb"].get(role, float("nan")) for r in runs], "o-", label=role)
+    ax[1].semilogx(ns, [r["index_bytes"] / 2**20 for r in runs], "k--", label="index file size (mapped)")
     ax[1].set_xlabel("chunks")
     ax[1].set_ylabel("peak RSS per worker (MiB)")
     ax[1].legend(fontsize=8)
