@@ -160,7 +160,11 @@ def main() -> None:
     ap.add_argument("--no-seed", action="store_true")
     ap.add_argument("--no-fp32", action="store_true", help="skip the ours_fp32 variant")
     ap.add_argument("--scenarios", default="empty,full")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads for both models (default: torch's, one per core)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     total_steps = args.warmup + args.steps
     data = byte_stream(args.batch, total_steps * args.seq + 1)
     result = {
