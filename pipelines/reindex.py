@@ -132,8 +132,10 @@ def _embed_new_parts(out: Location, concurrency: int) -> int:
 
 
 def _index_settings(base: BaseState, index_key: str, recall_sample: int) -> IndexSettings:
-    i = base.infos
-    return IndexSettings(index_key, str(base.index_manifest.get("config", {}).get("max_index_memory", "4G")),
+    i, im = base.infos, base.index_manifest
+    memory = (im.get("settings", {}).get("max_index_memory") or im.get("config", {}).get("max_index_memory")
+              or im.get("config", {}).get("settings", {}).get("max_index_memory") or "4G")
+    return IndexSettings(index_key, str(memory),
                          float(i.get("max_query_ms", 10.0)), base.metric, base.k, base.extra_neighbors,
                          float(i.get("target_recall", 0.97)), int(recall_sample or i.get("recall_sample", 1000)))
 

@@ -119,10 +119,7 @@ def apply_pending(out: Location) -> bool:
     for folder in journal["order"]:
         _write_manifest_dict(out, folder, journal["manifests"][folder])
     out.fs.rm(out.path(PENDING))
-    remove_tree(out, f"{STAGING}/{journal['plan']}")
-    staging = out.path(STAGING)
-    if out.fs.isdir(staging) and not out.fs.ls(staging, detail=False):
-        remove_tree(out, STAGING)
+    remove_tree(out, STAGING)  # this run's units, and any a killed run of another plan left (we hold the lock)
     return True
 
 

@@ -2,8 +2,9 @@
 
 The corpus is listed and planned into work units exactly like the tokenize stage
 (:func:`pipelines.corpus.list_corpus`, :func:`pipelines.corpus.plan_units`), and every unit is
-read by a Ray task that only hashes: for each record, its position and the sha256 of its text
-(the same hash as ``docs/.sha256``), or its quarantine reason. Nothing is tokenized here.
+read by a Ray task (in the driver, below 16 MiB of input) that only hashes: for each record, its
+position and the sha256 of its text (the same hash as ``docs/.sha256``), or its quarantine reason.
+Nothing is tokenized here.
 
 The driver names each record by its source (the tokenize stage's ``source``: URL, plus
 ``#line=N``/``#row=N``), and compares with the live documents of ``docs/`` (those without a
@@ -29,6 +30,8 @@ from pipelines.storage import Location
 from pipelines.tokenize import _record_offsets, _source, auto_unit_bytes
 from pipelines.tombstones import Tombstones
 
+IN_PROCESS_SCAN_BYTES = 16 << 20
+
 
 def scan_unit(unit: WorkUnit, text_field: str) -> dict:
     """Hash every record of one unit: ``docs`` (item, position, sha256, bytes) and ``bad`` (item,
@@ -48,8 +51,18 @@ def scan_unit(unit: WorkUnit, text_field: str) -> dict:
 
 
 @ray.remote(num_cpus=1)
-def scan_unit_task(unit_json: str, text_field: str) -> dict:
-    return scan_unit(WorkUnit.from_dict(json.loads(unit_json)), text_field)
+def scan_units_task(units_json: list[str], text_field: str) -> list[dict]:
+    return [scan_unit(WorkUnit.from_dict(json.loads(u)), text_field) for u in units_json]
+
+
+def scan_all(units: list[WorkUnit], files_bytes: int, text_field: str) -> list[dict]:
+    """Scan every unit: in this process for a small corpus (reading and hashing a few MiB costs less
+    than starting Ray workers), else as Ray tasks of several units each (about 4 per CPU)."""
+    if files_bytes <= IN_PROCESS_SCAN_BYTES:
+        return [scan_unit(u, text_field) for u in units]
+    n_tasks = max(1, min(len(units), 4 * int(ray.cluster_resources().get("CPU", 1))))
+    groups = [[json.dumps(u.to_dict()) for u in units[i::n_tasks]] for i in range(n_tasks)]
+    return [s for batch in ray.get([scan_units_task.remote(g, text_field) for g in groups]) for s in batch]
 
 
 @dataclass
@@ -126,8 +139,7 @@ def scan_corpus(out: Location, corpus: list[str], text_field: str, tomb: Tombsto
     units = plan_units(files, unit_bytes)
     live = live_documents(out, tomb)
     seen_bad = quarantined_before(out)
-    scans = ray.get([scan_unit_task.remote(json.dumps(u.to_dict()), text_field) for u in units])
-    scans.sort(key=lambda s: s["index"])
+    scans = sorted(scan_all(units, sum(f.size for f in files), text_field), key=lambda s: s["index"])
     offsets = _record_offsets(units, [s["item_records"] for s in scans])
 
     delta = CorpusDelta(units, offsets, [], unit_bytes=unit_bytes)
