@@ -75,7 +75,7 @@ def _layer_tuple(name: str, value: Any, depth: int) -> tuple[int, ...]:
 
 @dataclass(kw_only=True)
 class RetroConfig:
-    """Sizes and options of a RETRO model. Defaults are the RETRO-pytorch README model."""
+    """Sizes and options of a RETRO model. Defaults: the RETRO-pytorch README sizes, without its dropout."""
 
     num_tokens: int = BERT_UNCASED_VOCAB
     """Vocabulary size; must match the tokenizer that made the chunks."""
@@ -150,7 +150,8 @@ class RetroConfig:
     """1-based decoder layers whose feed-forward block is replaced by a product-key memory."""
 
     pkm: Optional["PKMConfig"] = None
-    """Product-key memory settings (models.pkm.PKMConfig); None means PKMConfig() when pkm_layers is set."""
+    """Product-key memory settings: a models.pkm.PKMConfig or a dict of its fields (from TOML); None means
+    PKMConfig() when pkm_layers is set."""
 
     def __post_init__(self) -> None:
         positive = ("num_tokens", "max_seq_len", "chunk_size", "enc_dim", "enc_depth", "dec_dim",
@@ -190,8 +191,13 @@ class RetroConfig:
         if self.pkm is not None:
             from models.pkm import PKMConfig
 
+            if isinstance(self.pkm, dict):
+                try:
+                    self.pkm = PKMConfig(**self.pkm)
+                except TypeError as exc:
+                    raise ValueError(f"bad pkm settings {self.pkm!r}: {exc}") from exc
             if not isinstance(self.pkm, PKMConfig):
-                raise ValueError(f"pkm must be a models.pkm.PKMConfig, got {type(self.pkm).__name__}")
+                raise ValueError(f"pkm must be a models.pkm.PKMConfig or a dict, got {type(self.pkm).__name__}")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -202,8 +208,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "readme": dict(num_tokens=BERT_UNCASED_VOCAB, max_seq_len=2048, chunk_size=64, enc_dim=896, enc_depth=2,
                    dec_dim=796, dec_depth=12, dec_cross_attn_layers=(3, 6, 9, 12), heads=8, dim_head=64,
                    dec_attn_dropout=0.25, dec_ff_dropout=0.25),
-    # the paper's smallest RETRO ("172M" with its 128k vocabulary): d=896, 12 layers, 16 heads of 64,
-    # ffw 3584, RETRO blocks every 3rd layer from layer 6, a 2-layer encoder, chunks of 64, 2048 tokens
+    # the paper's smallest RETRO ("172M" in its Table; here 215M parameters with the 30522-token vocabulary,
+    # input embedding and output projection each 27M): d=896, 12 layers, 16 heads of 64, ffw 3584, RETRO
+    # blocks every 3rd layer from layer 6, a 2-layer encoder of width 896, chunks of 64, 2048 tokens
     "paper_172m": dict(num_tokens=BERT_UNCASED_VOCAB, max_seq_len=2048, chunk_size=64, enc_dim=896,
                        enc_depth=2, dec_dim=896, dec_depth=12, dec_cross_attn_layers=(6, 9, 12), heads=16,
                        dim_head=64, ff_mult=4.0),
@@ -342,7 +349,10 @@ class _CrossEntropy(torch.autograd.Function):
         count = valid.sum().clamp(min=1)  # ()
         lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)  # (N,)
         for s in range(0, logits.shape[0], block):
-            lse[s:s + block] = torch.logsumexp(logits[s:s + block].float(), dim=-1)
+            blk = logits[s:s + block]  # (blk, V)
+            top = blk.max(dim=-1, keepdim=True).values.float()  # (blk, 1), exact in any dtype
+            # blk - top promotes to float32 inside the subtraction: no separate float32 copy
+            lse[s:s + block] = torch.sub(blk, top).exp_().sum(dim=-1).log_().add_(top.squeeze(-1))
         target = logits.gather(1, safe[:, None]).squeeze(1).float()  # (N,)
         ctx.save_for_backward(logits, safe, valid, lse, count)
         ctx.block = block
@@ -354,7 +364,7 @@ class _CrossEntropy(torch.autograd.Function):
         scale = (grad / count) * valid  # (N,)
         out = torch.empty_like(logits)  # (N, V)
         for s in range(0, logits.shape[0], ctx.block):
-            p = torch.exp(logits[s:s + ctx.block].float() - lse[s:s + ctx.block, None])  # (blk, V) softmax
+            p = torch.sub(logits[s:s + ctx.block], lse[s:s + ctx.block, None]).exp_()  # (blk, V) softmax, float32
             p[torch.arange(p.shape[0], device=p.device), safe[s:s + ctx.block]] -= 1.0
             p *= scale[s:s + ctx.block, None]
             out[s:s + ctx.block] = p
@@ -630,9 +640,10 @@ class RETRO(nn.Module):
             return None
         return retrieved.long()
 
-    def _encode(self, retrieved: torch.Tensor, chunk_hidden: torch.Tensor) -> EncodedNeighbors:
+    def _encode(self, retrieved: torch.Tensor, h: torch.Tensor, chunk_hidden: torch.Tensor) -> EncodedNeighbors:
         """Encode all neighbors at once; each cross-attends to the decoder states of the chunk it serves."""
-        # retrieved: (b, R, k, L) int64; chunk_hidden: (b, R*c, dec_dim), the decoder at the first CCA layer
+        # retrieved: (b, R, k, L) int64; h: (b*R*k, L, enc_dim) their embeddings;
+        # chunk_hidden: (b, R*c, dec_dim), the decoder at the first CCA layer
         b, R, k, L = retrieved.shape
         c, device = self.chunk_size, retrieved.device
         tokens = retrieved.reshape(b * R * k, L)  # (b*R*k, L)
@@ -640,7 +651,6 @@ class RETRO(nn.Module):
         all_real = bool(real.all())  # no padding anywhere: run attention unmasked (faster kernels)
         # an all-padding neighbor (fewer than k found) attends over its pads rather than over nothing (NaN)
         self_mask = None if all_real else real | ~real.any(dim=-1, keepdim=True)  # (b*R*k, L)
-        h = self.token_emb(tokens)  # (b*R*k, L, enc_dim)
         context = self.ctx_norm(chunk_hidden).reshape(b * R, c, -1)  # (b*R, c, dec_dim)
         nb_rot = self._rot(torch.arange(L, device=device))  # 2 x (L, rot)
         ctx_rot = self._rot(torch.arange(c, device=device))  # 2 x (c, rot)
@@ -668,8 +678,18 @@ class RETRO(nn.Module):
         if n > self.config.max_seq_len:
             raise ValueError(f"sequence of {n} tokens is longer than max_seq_len={self.config.max_seq_len}")
         retrieved = self._check_retrieved(retrieved, b, n)  # (b, R, k, L) or None
+        if not self.config.dec_cross_attn_layers:
+            retrieved = None
+        if retrieved is None:
+            emb = self.token_emb(seq)  # (b, n, enc_dim)
+        else:
+            # one lookup for sequence and neighbors: one dense embedding gradient (a 27M-float zero-fill) not two
+            both = self.token_emb(torch.cat((seq.reshape(-1), retrieved.reshape(-1))))  # (b*n + b*R*k*L, enc_dim)
+            emb, nb_emb = both.split([b * n, retrieved.numel()])
+            emb = emb.view(b, n, -1)  # (b, n, enc_dim)
+            nb_emb = nb_emb.view(-1, retrieved.shape[-1], nb_emb.shape[-1])  # (b*R*k, L, enc_dim)
         # the residual stream stays float32 under autocast (to_dec would hand back bf16)
-        x = self.to_dec(self.token_emb(seq)).float()  # (b, n, dec_dim)
+        x = self.to_dec(emb).float()  # (b, n, dec_dim)
         cos, sin = self._rot(torch.arange(n, device=seq.device))  # (n, rot) each
         neighbors: Optional[EncodedNeighbors] = None
         for layer in self.decoder:
@@ -677,7 +697,7 @@ class RETRO(nn.Module):
             if layer.cca is not None and retrieved is not None:
                 if neighbors is None:
                     R = retrieved.shape[1]
-                    neighbors = self._encode(retrieved, x[:, :R * self.chunk_size])
+                    neighbors = self._encode(retrieved, nb_emb, x[:, :R * self.chunk_size])
                 x = layer.cca(x, neighbors)  # (b, n, dec_dim)
             x = layer.ff(x)  # (b, n, dec_dim)
         return self.dec_norm(x)  # (b, n, dec_dim)

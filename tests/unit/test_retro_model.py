@@ -255,7 +255,10 @@ def test_pkm_replaces_feed_forward():
         out = model(later, retrieved)
     assert _max_diff(out[:, :9], base[:, :9]) < SAME
     assert _max_diff(out[:, 9], base[:, 9]) > CHANGED
-    # default PKMConfig when only layers are named
+    # settings as a dict (TOML), and a default PKMConfig when only layers are named
+    assert retro_config("tiny", pkm_layers=(1,), pkm={"num_keys": 8, "topk": 4}).pkm == PKMConfig(num_keys=8, topk=4)
+    with pytest.raises(ValueError):
+        retro_config("tiny", pkm_layers=(1,), pkm={"no_such_field": 1})
     assert len([m for m in _model(pkm_layers=(1, 3)).modules() if isinstance(m, ProductKeyMemory)]) == 2
 
 
