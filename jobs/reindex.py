@@ -24,6 +24,7 @@ import argparse
 import re
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 
 from pipelines.config import config_to_dict, fail, option, parse_config
@@ -135,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
             if not period:
                 fail(str(e))
             print(f"reindex: run failed: {e}", file=sys.stderr, flush=True)
+            code = 1
+        except Exception:  # noqa: BLE001 - a periodic driver reports a failed run and keeps its schedule
+            if not period:
+                raise
+            traceback.print_exc()
             code = 1
         done += 1
         if not period or (cfg.runs and done >= cfg.runs):

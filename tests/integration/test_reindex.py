@@ -355,6 +355,33 @@ def test_lock_is_exclusive_and_stale_locks_are_broken(tmp_path):
     assert not (tmp_path / "o" / LOCK).exists()
 
 
+def test_lock_publish_and_history_on_s3(s3_server):
+    """On object storage the lock is a conditional create (If-None-Match: *)."""
+    import s3fs
+
+    from pipelines.latest import write_latest
+    from pipelines.reindex_lock import LockHeld, ReindexLock
+    from pipelines.reindex_publish import append_history, publish
+
+    s3fs.S3FileSystem().mkdir("reindex-lock")
+    out = open_location("s3://reindex-lock/build")
+    write_latest(out, {"index": "v0001", "neighbors": "v0001", "k": 2})
+    a, b = ReindexLock(out, ttl_s=60), ReindexLock(out, ttl_s=60)
+    a.acquire()
+    with pytest.raises(LockHeld):
+        b.acquire()
+    im = {"index_key": "Flat", "metric": "l2", "totals": {"chunks": 4}}
+    publish(out, a, base={"index": "v0001", "neighbors": "v0001"}, index_version="v0002", neighbors_version="v0002",
+            index_manifest=im, k=2, extra={})
+    append_history(out, {"action": "incremental"})
+    append_history(out, {"action": "no-op"})
+    a.release()
+    b.acquire()
+    b.release()
+    assert resolve_latest(out)["index"] == "v0002"
+    assert [h["action"] for h in read_history(out)] == ["incremental", "no-op"]
+
+
 def test_publish_refuses_a_moved_latest_and_going_backwards(tmp_path):
     from pipelines.latest import write_latest
     from pipelines.reindex_lock import ReindexLock
