@@ -1,7 +1,7 @@
 """The cost of a re-index that adds 1% to the corpus, against a full rebuild of the same corpus.
 
-    .venv/bin/python benchmarks/reindex_cost.py                       # 12 plays, 60 KB each
-    .venv/bin/python benchmarks/reindex_cost.py --plays 24 --kb 120   # bigger
+    .venv/bin/python benchmarks/reindex_cost.py                        # 12 plays x 60 KB, then 24 x 120 KB
+    .venv/bin/python benchmarks/reindex_cost.py --sizes 12x60          # one size
 
 One local Ray instance (started before timing) serves every step, in-process, so both sides pay
 the same start-up costs. First a full build of the corpus (every stage of jobs.build_index, which
@@ -46,8 +46,7 @@ def full_build(corpus: Path, out: Path, index_key: str, cpus: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--plays", type=int, default=12, help="plays in the corpus")
-    ap.add_argument("--kb", type=int, default=60, help="KB of text taken from each play")
+    ap.add_argument("--sizes", default="12x60,24x120", help="corpora to measure: PLAYSxKB (KB of text per play), comma-separated")
     ap.add_argument("--added", type=float, default=0.01, help="fraction of the corpus bytes to add")
     ap.add_argument("--index-key", default="", help="faiss key for both builds (default: automatic)")
     ap.add_argument("--cpus", type=int, default=2)
@@ -56,9 +55,26 @@ def main() -> None:
 
     import ray
 
+    from pipelines.ray_session import init_ray
+
+    init_ray(num_cpus=args.cpus)
+    runs = []
+    try:
+        for spec in args.sizes.split(","):
+            plays, kb = (int(x) for x in spec.lower().split("x"))
+            runs.append(run_size(plays, kb, args))
+    finally:
+        ray.shutdown()
+    result = {"runs": runs, "ratio": {f"{r['corpus']['plays']}x{r['corpus']['kb']}KB": r["ratio"] for r in runs},
+              "cpus": args.cpus, "command": "python " + " ".join(sys.argv)}
+    print(json.dumps(result, indent=2))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def run_size(plays: int, kb: int, args) -> dict:
     from jobs.build_index import bundled_corpus
     from pipelines.manifest import read_manifest
-    from pipelines.ray_session import init_ray
     from pipelines.reindex import run_reindex
     from pipelines.storage import open_location
 
@@ -67,15 +83,14 @@ def main() -> None:
     try:
         corpus = work / "corpus"
         corpus.mkdir()
-        size = args.kb * 1000
-        for p in texts[: args.plays]:
+        size = kb * 1000
+        for p in texts[:plays]:
             (corpus / p.name).write_text(p.read_text()[:size])
         total = sum(f.stat().st_size for f in corpus.iterdir())
-        init_ray(num_cpus=args.cpus)
         first_build = full_build(corpus, work / "base", args.index_key, args.cpus)
 
         want = int(total * args.added)  # 1% more text, as new documents cut from plays not in the corpus
-        extra, added = texts[args.plays:], 0
+        extra, added = texts[plays:], 0
         for i, p in enumerate(extra):
             piece = p.read_text()[: min(size, want - added)]
             (corpus / f"new_{i}_{p.name}").write_text(piece)
@@ -90,9 +105,10 @@ def main() -> None:
         full_s = full_build(corpus, work / "rebuilt", args.index_key, args.cpus)
         chunks = read_manifest(open_location(str(work / "rebuilt")), "chunks")["totals"]["chunks"]
         n = s.neighbors
-        result = {
-            "corpus": {"plays": args.plays, "bytes": total, "added_bytes": added, "added_fraction": round(added / total, 4),
-                       "chunks_after": chunks, "chunks_added": s.append.chunks},
+        print("\n".join(s.lines()), flush=True)
+        return {
+            "corpus": {"plays": plays, "kb": kb, "bytes": total, "added_bytes": added,
+                       "added_fraction": round(added / total, 4), "chunks_after": chunks, "chunks_added": s.append.chunks},
             "first_full_build_s": round(first_build, 2),
             "reindex_s": round(reindex_s, 2),
             "full_rebuild_s": round(full_s, 2),
@@ -103,15 +119,9 @@ def main() -> None:
                         "neighbors": {c: getattr(n, c) for c in ("rows_new", "rows_researched", "rows_checked",
                                                                  "rows_updated", "rows_dropped")} if n else {}},
             "index_key": read_manifest(open_location(str(work / "rebuilt")), "index/v0001")["index_key"],
-            "cpus": args.cpus, "load_average_1m": round(os.getloadavg()[0], 1),
-            "command": "python " + " ".join(sys.argv),
+            "load_average_1m": round(os.getloadavg()[0], 1),
         }
-        print("\n".join(s.lines()))
-        print(json.dumps(result, indent=2))
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     finally:
-        ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
 
 

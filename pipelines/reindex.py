@@ -165,6 +165,7 @@ def update_versions(out: Location, base: BaseState, *, index_key: str, max_growt
                     full: bool, recall_sample: int, concurrency: int, config: dict, summary: ReindexSummary) -> None:
     """Steps 3-5: embed new parts, write the new index and neighbors versions (not yet published)."""
     summary.embedded = _embed_new_parts(out, concurrency)
+    summary.lines_extra.append(f"reindex: {summary.embedded} chunks embedded")
     info = load_embeddings_info(out, needed_by="the re-index job")
     bounds = DocBounds.load(out, info.n)
     tomb = Tombstones.load(out)
@@ -247,7 +248,6 @@ def update_versions(out: Location, base: BaseState, *, index_key: str, max_growt
         full=r["mode"] == "full", fingerprint=nfp, reindex={"mode": r["mode"], "reason": r["reason"]},
         concurrency=concurrency, config=config) if not done else _done_neighbors(out, done)
     summary.neighbors_version = nversion
-    summary.lines_extra.append(f"reindex: {summary.embedded} chunks embedded")
 
 
 def _done_neighbors(out: Location, version: str) -> NeighborsUpdate:
