@@ -124,11 +124,15 @@ class RetroGenerator:
     """Autoregressive sampling with retrieval at chunk boundaries; ``retrievals`` records where it retrieved."""
 
     def __init__(self, model, retrieve: Callable[[np.ndarray], np.ndarray], *, chunk_size: int, max_seq_len: int,
-                 pad_id: int = 0, sep_id: int = 102, precision: str = "bf16"):
-        self.model, self.retrieve = model.eval(), retrieve
+                 pad_id: int = 0, sep_id: int = 102, precision: str = "bf16", vocab=None):
+        self.model, self.retrieve, self.vocab = model.eval(), retrieve, vocab  # vocab: a TokenMap, or None
         self.c, self.max_seq_len, self.pad_id, self.sep_id = chunk_size, max_seq_len, pad_id, sep_id
         self.precision = precision
         self.retrievals: list[int] = []  # sequence length at each retrieval (the end of the chunk retrieved for)
+
+    def _model_ids(self, tokens: np.ndarray) -> np.ndarray:
+        """Tokenizer ids -> the model's ids (the same, or renumbered by a corpus vocabulary)."""
+        return (self.vocab.to_compact(tokens) if self.vocab is not None else tokens).astype(np.int64)
 
     def _retrieve_chunk(self, tokens: list[int], end: int) -> np.ndarray:
         self.retrievals.append(end)
@@ -144,9 +148,9 @@ class RetroGenerator:
         gen = torch.Generator().manual_seed(seed)
         for i in range(max_tokens):
             start = max(0, -(-(len(tokens) - self.max_seq_len) // c) * c)  # whole chunks fall off the front
-            ctx = torch.tensor([tokens[start:]], dtype=torch.long)
+            ctx = torch.from_numpy(self._model_ids(np.asarray([tokens[start:]])))
             chunks = retrieved[start // c: start // c + ctx.shape[1] // c]
-            ret = torch.from_numpy(np.stack(chunks))[None] if chunks else None  # (1, R, k, 2c)
+            ret = torch.from_numpy(self._model_ids(np.stack(chunks)))[None] if chunks else None  # (1, R, k, 2c)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
                 logits = self.model.next_token_logits(ctx, ret)[0].float()  # (V,)
             logits[self.pad_id] = float("-inf")
@@ -155,6 +159,8 @@ class RetroGenerator:
             else:
                 probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
                 nxt = int(torch.multinomial(probs, 1, generator=gen))
+            if self.vocab is not None:
+                nxt = int(self.vocab.to_full(np.asarray(nxt)))
             tokens.append(nxt)
             if stop_at_sep and nxt == self.sep_id:
                 break
@@ -164,10 +170,10 @@ class RetroGenerator:
 
 
 def load_retro(checkpoint_url: str):
-    """(model, model config dict, checkpoint folder) from a checkpoint or a training --out."""
+    """(model, model config dict, checkpoint folder, TokenMap or None) from a checkpoint or a training --out."""
     from models.retro import RETRO
     from pipelines.retro_data import retro_model_config
-    from pipelines.train_common import load_model_checkpoint
+    from pipelines.train_common import TokenMap, load_model_checkpoint
 
     payload, folder = load_model_checkpoint(checkpoint_url, "retro")
     if payload.get("job") != "retro":
@@ -175,7 +181,8 @@ def load_retro(checkpoint_url: str):
     cfg = json.loads(payload["model_config_json"])
     model = RETRO(retro_model_config(cfg))
     model.load_state_dict(payload["model"])
-    return model, cfg, folder
+    vocab = payload.get("vocab_ids")
+    return model, cfg, folder, (TokenMap(vocab.numpy()) if vocab is not None else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,19 +194,19 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.tokenizer import load_tokenizer
 
     try:
-        model, mcfg, folder = load_retro(cfg.checkpoint)
+        model, mcfg, folder, vocab = load_retro(cfg.checkpoint)
         retriever = ChunkRetriever(cfg.data, cfg.num_neighbors)
         if retriever.reader.chunk_size != mcfg["chunk_size"]:
             raise ValueError(f"the model reads chunks of {mcfg['chunk_size']} tokens, the build has "
                              f"{retriever.reader.chunk_size}")
         tok = load_tokenizer(retriever.reader.tokenizer.get("name", "packaged:all-MiniLM-L6-v2"))
-        if tok.vocab_size > mcfg["num_tokens"]:
+        if vocab is None and tok.vocab_size > mcfg["num_tokens"]:
             raise ValueError(f"the build's tokenizer has {tok.vocab_size} tokens, the model {mcfg['num_tokens']}")
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     ids = tok.tokenizer.encode(cfg.prompt, add_special_tokens=True).ids[:-1] if cfg.prompt else [tok.cls_id]
     gen = RetroGenerator(model, retriever, chunk_size=mcfg["chunk_size"], max_seq_len=mcfg["max_seq_len"],
-                         pad_id=mcfg["pad_id"], sep_id=tok.sep_id, precision=cfg.precision)
+                         pad_id=mcfg["pad_id"], sep_id=tok.sep_id, precision=cfg.precision, vocab=vocab)
     if cfg.show_neighbors:
         inner = gen.retrieve
 

@@ -71,13 +71,21 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(e))
 
     from pipelines.ray_session import init_ray
-    from pipelines.train_common import launch, summary_lines
+    from pipelines.train_common import corpus_vocab, launch, summary_lines
 
     init_ray(cfg.ray_address or None, cfg.num_cpus or None)
-    result = launch(cfg, job=JOB, task_class="pipelines.memorizing_data:MemorizingTask",
-                    config_class="jobs.train_memorizing:MemorizingTrainConfig", task_extra={"model_config": model})
-    if result.error:
-        print(f"error: training failed: {result.error}", file=sys.stderr)
+    vocab = None
+    if cfg.vocab == "corpus":
+        vocab = corpus_vocab(data, out).tolist()
+        model = memorizing_model_dict(cfg.preset, parse_overrides(cfg.override), vocab_size=len(vocab))
+        print(f"memorizing: corpus vocabulary of {len(vocab)} of the tokenizer's {reader.vocab_size} tokens", flush=True)
+    try:
+        launch(cfg, job=JOB, task_class="pipelines.memorizing_data:MemorizingTask",
+               config_class="jobs.train_memorizing:MemorizingTrainConfig",
+               task_extra={"model_config": model, "vocab_ids": vocab})
+    except Exception as e:  # noqa: BLE001 - Ray Train raises the workers' error here; report it in one line
+        cause = getattr(e, "__cause__", None) or e
+        print(f"error: training failed: {type(cause).__name__}: {cause}", file=sys.stderr)
         return 1
     for line in summary_lines(out, JOB, time.perf_counter() - start):
         print(line, flush=True)

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(e))
 
     from pipelines.ray_session import init_ray
-    from pipelines.train_common import launch, summary_lines
+    from pipelines.train_common import corpus_vocab, launch, summary_lines
 
     init_ray(cfg.ray_address or None, cfg.num_cpus or None)
     samples = build_samples(data, out, spec, partitions=cfg.data_partitions)
@@ -81,11 +81,19 @@ def main(argv: list[str] | None = None) -> int:
         print(line, flush=True)
     if samples.train < cfg.batch_size:
         fail(f"only {samples.train} training samples, fewer than --batch-size {cfg.batch_size}")
-    result = launch(cfg, job=JOB, task_class="pipelines.retro_data:RetroTask",
-                    config_class="jobs.train_retro:RetroTrainConfig",
-                    task_extra={"samples_url": samples.folder, "model_config": model})
-    if result.error:
-        print(f"error: training failed: {result.error}", file=sys.stderr)
+    vocab = None
+    if cfg.vocab == "corpus":
+        vocab = corpus_vocab(data, out).tolist()
+        model = retro_model_dict(cfg.preset, parse_overrides(cfg.override), vocab_size=len(vocab),
+                                 chunk_size=reader.chunk_size, seq_len=spec.seq_len)
+        print(f"retro: corpus vocabulary of {len(vocab)} of the tokenizer's {reader.vocab_size} tokens", flush=True)
+    try:
+        launch(cfg, job=JOB, task_class="pipelines.retro_data:RetroTask",
+               config_class="jobs.train_retro:RetroTrainConfig",
+               task_extra={"samples_url": samples.folder, "model_config": model, "vocab_ids": vocab})
+    except Exception as e:  # noqa: BLE001 - Ray Train raises the workers' error here; report it in one line
+        cause = getattr(e, "__cause__", None) or e
+        print(f"error: training failed: {type(cause).__name__}: {cause}", file=sys.stderr)
         return 1
     for line in summary_lines(out, JOB, time.perf_counter() - start):
         print(line, flush=True)

@@ -57,6 +57,9 @@ class CommonTrainConfig:
     data: str = option("", "URL of a build made by jobs.build_index (local folder, s3://..., any fsspec URL); required")
     out: str = option("", "URL where this run writes metrics.jsonl, checkpoints (ray_train/) and derived data; required")
     preset: str = option("tiny", "model size preset (see the model's PRESETS); vocabulary and chunk size come from --data")
+    vocab: str = option("full", "output vocabulary: 'full' (the tokenizer's) or 'corpus' (only the token ids the build's "
+                                "chunks use, renumbered: a 30522-token BERT vocabulary shrinks to a few thousand on a "
+                                "small corpus, and the output layer with it; the map is stored in every checkpoint)")
     override: list[str] = option([], "model config field=value (Python literal), repeatable, e.g. --override dec_depth=4")
     max_steps: int = option(100, "train until this global step (a resumed run continues up to it)")
     batch_size: int = option(8, "global batch size (rows per step over all workers); must divide by --num-workers")
@@ -100,6 +103,8 @@ class CommonTrainConfig:
             raise ValueError(f"--cpus-per-worker must be positive, got {self.cpus_per_worker}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
+        if self.vocab not in ("full", "corpus"):
+            raise ValueError(f"--vocab must be full or corpus, got {self.vocab!r}")
         if self.precision not in ("bf16", "fp32"):
             raise ValueError(f"--precision must be bf16 or fp32, got {self.precision!r}")
         parse_overrides(self.override)  # a malformed override fails here, before any work
@@ -242,6 +247,64 @@ class BuildReader:
         return tokens, doc
 
 
+# ----------------------------------------------------------------------------- a compact vocabulary
+
+
+class TokenMap:
+    """The token ids a build uses, renumbered densely (pad 0 stays 0): models predict over these only.
+
+    Why: the output layer and softmax over a 30522-token BERT vocabulary dominate a small model's step on CPU,
+    and a small corpus uses a few thousand of those ids. Ids outside the map (a prompt's rare words) become the
+    tokenizer's [UNK]."""
+
+    def __init__(self, ids: np.ndarray, unk_id: int = 100):
+        self.ids = np.asarray(ids, dtype=np.int64)
+        if len(self.ids) == 0 or self.ids[0] != 0 or np.any(np.diff(self.ids) <= 0):
+            raise ValueError("a token map must be sorted, unique, and start with the pad id 0")
+        self._lut = np.zeros(int(self.ids[-1]) + 1, np.int64)
+        self._lut[self.ids] = np.arange(len(self.ids))
+        hit = np.searchsorted(self.ids, unk_id)
+        self.unk = int(hit) if hit < len(self.ids) and self.ids[hit] == unk_id else 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def to_compact(self, tokens: np.ndarray) -> np.ndarray:
+        t = np.asarray(tokens, dtype=np.int64)
+        inside = (t >= 0) & (t < len(self._lut))
+        out = np.where(inside, self._lut[np.clip(t, 0, len(self._lut) - 1)], self.unk)
+        known = inside & (self.ids[out] == t)
+        return np.where(known, out, self.unk)
+
+    def to_full(self, tokens: np.ndarray) -> np.ndarray:
+        return self.ids[np.asarray(tokens, dtype=np.int64)]
+
+
+def _part_token_ids(data_url: str, part: int) -> np.ndarray:
+    tokens, _ = BuildReader(data_url, cache_parts=1).read_part(part)
+    return np.unique(tokens)
+
+
+def corpus_vocab(data: Location, out: Location) -> np.ndarray:
+    """The sorted token ids of every chunk (plus pad and the special tokens): one Ray task per chunks part,
+    only the unique ids come back. Cached under ``--out/vocab/`` by the chunks' fingerprint."""
+    import ray
+
+    reader = BuildReader(data)
+    rel = f"vocab/{fingerprint([p['sha256'] for p in reader.manifest['parts']])}.json"
+    try:
+        return np.asarray(json.loads(read_bytes(out, rel))["ids"], dtype=np.int64)
+    except FileNotFoundError:
+        pass
+    task = ray.remote(num_cpus=1)(_part_token_ids)
+    found = ray.get([task.remote(data.url, i) for i in range(len(reader.parts))])
+    special = [reader.tokenizer.get(k) for k in ("pad_id", "cls_id", "sep_id")] + [100]
+    ids = np.union1d(np.concatenate(found + [np.zeros(1, np.int64)]),
+                     np.asarray([s for s in special if s is not None], np.int64))
+    write_bytes_atomic(out, rel, json.dumps({"ids": ids.tolist(), "data": data.url}).encode())
+    return ids
+
+
 # ----------------------------------------------------------------------------- metrics
 
 
@@ -278,6 +341,7 @@ class MetricsLog:
 def read_metrics(out: Location | str) -> list[dict]:
     """All rows of ``--out/metrics.jsonl`` (tests and benchmarks)."""
     out = open_location(out) if isinstance(out, str) else out
+    out.fs.invalidate_cache()  # rank 0 rewrites it from another process
     return [json.loads(line) for line in read_bytes(out, METRICS).decode().splitlines() if line.strip()]
 
 
@@ -298,6 +362,7 @@ def run_location(out: Location, job: str) -> Location:
 def list_checkpoints(url: str, job: str | None = None) -> list[str]:
     """Checkpoint folders (URLs), oldest first: of a checkpoint URL itself, or of a run under an ``--out``."""
     loc = open_location(url)
+    loc.fs.invalidate_cache()  # other processes (the workers) wrote here: no stale listings (s3fs caches them)
     if loc.fs.exists(loc.path(MODEL_FILE)):
         return [loc.url]
     roots = [run_location(loc, job)] if job else []
@@ -379,6 +444,10 @@ class TrainTask:
     def load_state_dict(self, state: dict, saved_world: int) -> None:
         pass
 
+    def checkpoint_extra(self) -> dict:
+        """Extra entries of rank 0's model.pt (tensors and plain values), e.g. the vocabulary map."""
+        return {}
+
     def param_groups(self, model, lr: float) -> list[dict]:
         from models.pkm import param_groups
 
@@ -423,7 +492,8 @@ def _save_checkpoint(*, raw_model, optimizer, task: TrainTask, step: int, positi
             torch.save({"format": CHECKPOINT_FORMAT, "job": task.job, "step": step, "world_size": world,
                         "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                         "position_json": json.dumps(position), "train_config_json": cfg_json,
-                        "model_config_json": task.model_config_json()}, os.path.join(d, MODEL_FILE))
+                        "model_config_json": task.model_config_json(), **task.checkpoint_extra()},
+                       os.path.join(d, MODEL_FILE))
         torch.save({"rank": rank, "world_size": world, "step": step, "position_json": json.dumps(position),
                     "rng": torch.get_rng_state(), "task": task.state_dict()}, os.path.join(d, f"rank-{rank:05d}.pt"))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
@@ -520,9 +590,12 @@ def train_loop(loop_config: dict) -> None:
                 [window_loss, window_tokens, window_inputs, window_time], device)
             times = time_total / world  # mean wall time of the window's steps over the ranks
             if log is not None:
-                log.write({"kind": "train", "step": step, "loss": loss_total / max(1.0, tok_total),
-                           "lr": cfg.lr * factor, "tokens_per_s": inputs_total / max(1e-9, times),
-                           "epoch": position.get("epoch", 0), "workers": world, "time": time.time()})
+                row = {"kind": "train", "step": step, "loss": loss_total / max(1.0, tok_total), "lr": cfg.lr * factor,
+                       "tokens_per_s": inputs_total / max(1e-9, times), "epoch": position.get("epoch", 0),
+                       "workers": world, "time": time.time()}
+                log.write(row)
+                print(f"{task.job}: step {step}/{cfg.max_steps} loss {row['loss']:.4f} "
+                      f"{row['tokens_per_s']:,.0f} tokens/s", flush=True)
             window_loss = window_tokens = window_inputs = window_time = 0.0
         if (cfg.eval_every and step % cfg.eval_every == 0) or last:
             model.eval()

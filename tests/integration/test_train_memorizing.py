@@ -1,6 +1,6 @@
 """The Memorizing Transformer job on real local Ray over a real tokenized corpus (play excerpts as documents):
-a 2-worker run writes metrics (with and without memory) and per-worker checkpoints, and a rerun resumes from
-the newest checkpoint with each worker's streams and memories."""
+a 2-worker run writes metrics (with and without memory) and per-worker checkpoints to object storage (a real
+S3-compatible server), and a rerun resumes from the newest checkpoint with each worker's streams and memories."""
 from __future__ import annotations
 
 import json
@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from pipelines.memorizing_data import DocOrder, Streams
-from pipelines.storage import open_location
+from pipelines.storage import open_location, read_bytes
 from pipelines.tokenize import run_tokenize
-from pipelines.train_common import BuildReader, list_checkpoints, read_metrics
+from pipelines.train_common import BuildReader, list_checkpoints, read_metrics, torch_load_bytes
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -48,8 +48,11 @@ def train(build, out, steps: int) -> int:
                  "--eval-segments", "4", "--lr", "3e-3", "--warmup-steps", "2"])
 
 
-def test_two_worker_run_writes_metrics_checkpoints_and_resumes(build):
-    out = build / "run"
+def test_two_worker_run_writes_metrics_checkpoints_and_resumes(build, s3_server):
+    import s3fs
+
+    s3fs.S3FileSystem().mkdir("memorizing-bucket")
+    out = "s3://memorizing-bucket/run"  # --out on object storage: metrics, Ray Train's run state, checkpoints
     assert train(build, out, 4) == 0
     first = read_metrics(str(out))
     assert [r["step"] for r in first if r["kind"] == "train"] == [1, 2, 3, 4]
@@ -69,8 +72,9 @@ def test_two_worker_run_writes_metrics_checkpoints_and_resumes(build):
     # each worker saved its own streams and memories; after the resume they hold what 6 uninterrupted steps give
     data = open_location(str(build / "build"))
     order = DocOrder(data, BuildReader(data), seed=0, eval_fraction=0.2)
+    assert all(c.startswith("s3://memorizing-bucket/run/ray_train/memorizing/checkpoint_") for c in cks)
     for rank in (0, 1):
-        state = torch.load(f"{cks[-1]}/rank-{rank:05d}.pt", weights_only=True)
+        state = torch_load_bytes(read_bytes(open_location(cks[-1]), f"rank-{rank:05d}.pt"))
         streams = Streams(order, seq_len=SEG, batch_size=4, rank=rank, world=2)
         it = streams.batches(streams.start_position())
         since_start = np.zeros(2, int)

@@ -4,6 +4,7 @@ job's CLI, and generation that retrieves at chunk boundaries."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,19 @@ from tests.conftest import ROOT
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 CHUNK, SEQ = 16, 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def quick():
+    """One torch thread in this process (tiny tensors; far faster on a busy machine), and Ray Train noticing
+    finished workers sooner (the controller reads this when a run starts)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +99,7 @@ def run_train(*args: str) -> int:
 def common(data, out, steps):
     return ["--data", str(data), "--out", str(out), "--preset", "tiny", "--max-steps", str(steps), "--num-workers", "2",
             "--batch-size", "4", "--log-every", "1", "--eval-every", "2", "--checkpoint-every", "2",
-            "--eval-fraction", "0.2", "--eval-batches", "1", "--warmup-steps", "2", "--lr", "3e-3"]
+            "--eval-fraction", "0.2", "--eval-batches", "1", "--warmup-steps", "2", "--lr", "3e-3", "--vocab", "corpus"]
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +132,12 @@ def test_two_worker_run_writes_metrics_and_checkpoints(runs):
 
     ck = torch.load(f"{cks[-1]}/model.pt", weights_only=True)
     assert ck["step"] == 6 and json.loads(ck["position_json"])["offset"] == 24 and ck["world_size"] == 2
-    assert json.loads(ck["model_config_json"])["chunk_size"] == CHUNK
+    mcfg = json.loads(ck["model_config_json"])
+    assert mcfg["chunk_size"] == CHUNK
+    # --vocab corpus: the model predicts over the ids the build uses (all of them), renumbered
+    chunks = pq.read_table(str(runs[0].parent / "build" / "chunks"))
+    used = np.unique(chunks.column("tokens").combine_chunks().values.to_numpy())
+    assert set(used.tolist()) <= set(ck["vocab_ids"].tolist()) and mcfg["num_tokens"] == len(ck["vocab_ids"]) < 5000
 
 
 def test_resume_continues_exactly(runs):
@@ -137,7 +156,7 @@ def test_resume_continues_exactly(runs):
 def test_generation_retrieves_at_chunk_boundaries(build, runs):
     from jobs.generate import ChunkRetriever, RetroGenerator, load_retro
 
-    model, mcfg, _ = load_retro(str(runs[0]))
+    model, mcfg, _, vocab = load_retro(str(runs[0]))
     retriever = ChunkRetriever(str(build / "build"))
     chunks = pq.read_table(str(build / "build" / "chunks")).sort_by("chunk_id")
     corpus_chunk = np.asarray(chunks.column("tokens")[7].as_py()[:CHUNK])
@@ -159,7 +178,7 @@ def test_generation_retrieves_at_chunk_boundaries(build, runs):
         return inner(prefix, retrieved)
 
     model.next_token_logits = logits_spy
-    gen = RetroGenerator(model, spy, chunk_size=CHUNK, max_seq_len=mcfg["max_seq_len"])
+    gen = RetroGenerator(model, spy, chunk_size=CHUNK, max_seq_len=mcfg["max_seq_len"], vocab=vocab)
     prompt = chunks.column("tokens")[20].as_py()[:CHUNK] + [2023] * 4  # one whole chunk + 4 tokens
     out = gen.generate(prompt, 100, temperature=0.8, top_k=20, seed=1, stop_at_sep=False)
     assert len(out) == len(prompt) + 100

@@ -17,8 +17,8 @@ from pipelines.parquet_io import write_table
 from pipelines.retro_data import (SampleSpec, answer_requests, assemble_part, part_requests, samples_table,
                                   sequence_tokens, RetroSamples)
 from pipelines.storage import open_location
-from pipelines.train_common import (CommonTrainConfig, MetricsLog, in_eval_split, lr_factor, parse_overrides,
-                                    read_metrics)
+from pipelines.train_common import (CommonTrainConfig, MetricsLog, TokenMap, in_eval_split, lr_factor,
+                                    parse_overrides, read_metrics)
 
 C, BUILD_SEQ, K = 4, 16, 3  # 4 chunks per build sequence
 
@@ -244,3 +244,12 @@ def test_metrics_log_drops_rows_after_the_resumed_checkpoint(tmp_path):
     MetricsLog(out, 2).write({"kind": "train", "step": 3, "loss": 9.0})
     assert [(r["step"], r["loss"]) for r in read_metrics(out)] == [(1, 1.0), (2, 0.5), (3, 9.0)]
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
+
+
+def test_token_map_renumbers_and_maps_unknown_ids_to_unk():
+    m = TokenMap(np.array([0, 3, 100, 2023, 5000]))
+    assert len(m) == 5 and m.unk == 2
+    assert m.to_compact(np.array([[0, 3, 5000], [2023, 7, 99999]])).tolist() == [[0, 1, 4], [3, 2, 2]]
+    assert m.to_full(np.array([0, 1, 4])).tolist() == [0, 3, 5000]
+    with pytest.raises(ValueError):
+        TokenMap(np.array([3, 100]))
