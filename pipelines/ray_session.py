@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any, Callable
 
 import ray
 
@@ -37,3 +38,22 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
 def cluster_cpus() -> int:
     return int(ray.cluster_resources().get("CPU", 1))
+
+
+def run_bounded(submit: Callable[[Any], "ray.ObjectRef"], items: list, limit: int, label: str) -> list:
+    """Results of ``submit(item)`` for every item, in order, with at most ``limit`` tasks in flight and a
+    progress line about every 10% of the items (``label: done/all units``)."""
+    results: list = [None] * len(items)
+    pending: dict = {}
+    next_item, done, step = 0, 0, max(1, len(items) // 10)
+    while done < len(items):
+        while next_item < len(items) and len(pending) < max(1, limit):
+            pending[submit(items[next_item])] = next_item
+            next_item += 1
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            results[pending.pop(ref)] = ray.get(ref)
+            done += 1
+            if done % step == 0 or done == len(items):
+                print(f"{label}: {done}/{len(items)} units", flush=True)
+    return results

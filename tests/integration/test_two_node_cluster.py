@@ -171,7 +171,7 @@ def test_build_submitted_with_ray_job_submit_runs_on_both_nodes(cluster, plays, 
     def ips(rows, match) -> set[str]:
         return {ip_of.get(row.get("node_id"), "?") for row in rows if match(row)}
 
-    tokenize = ips(tasks, lambda t: "tokenize_batch" in t["name"] or t["name"].endswith("finalize_task"))
+    tokenize = ips(tasks, lambda t: t["name"].endswith("tokenize_task") or t["name"].endswith("finalize_task"))
     embed_actors = [a for a in actors if "EmbedParts" in (a.get("class_name") or "")]
     placed = {ip_of.get(a.get("node_id"), "?") for a in embed_actors if a.get("node_id")}
     everything = ips(tasks, lambda t: t.get("node_id")) | ips(actors, lambda a: a.get("node_id"))
