@@ -26,9 +26,9 @@ The sequence (b, n) is cut into chunks of ``chunk_size`` (c) tokens. Each comple
   positions of any longer sequence. Generation: call ``next_token_logits(prefix, retrieved)``; each time the
   prefix completes a chunk, retrieve that chunk's neighbors and append them along dim 1 of ``retrieved``.
 
-Attention goes through ``torch.nn.functional.scaled_dot_product_attention`` (``attn_impl="sdpa"``, the
-default) or, with ``attn_impl="matmul"``, through two plain matmuls around a softmax (float32
-accumulation), which is faster on CPU at these sizes (see ``attend``). Projections are fused (QKV; KV for cross-attention), and all
+Attention goes through ``torch.nn.functional.scaled_dot_product_attention`` (``attn_impl="sdpa"``; what the
+default ``"auto"`` uses on GPU) or, with ``attn_impl="matmul"`` (what ``"auto"`` uses on CPU), through two
+plain matmuls around a softmax (float32 accumulation), which is faster on CPU at these sizes (see ``attend``). Projections are fused (QKV; KV for cross-attention), and all
 chunks and neighbors of a batch run as one batch. The model runs under
 ``torch.autocast(device_type, dtype=torch.bfloat16)``: the residual stream stays float32, matmuls run in bf16.
 
@@ -135,8 +135,9 @@ class RetroConfig:
     pad_id: int = 0
     """Padding token id: masked out of the neighbors and ignored by the loss."""
 
-    attn_impl: str = "sdpa"
-    """Attention kernel: "sdpa" (F.scaled_dot_product_attention) or "matmul" (faster on CPU, see attend())."""
+    attn_impl: str = "auto"
+    """Attention kernel: "sdpa" (F.scaled_dot_product_attention), "matmul" (faster on CPU), or "auto" (SDPA on
+    GPU, matmul on CPU); see attend()."""
 
     norm_eps: float = 1e-6
     """Epsilon of RMSNorm / LayerNorm."""
@@ -181,8 +182,8 @@ class RetroConfig:
                 raise ValueError(f"{name} must lie in [0, 1), got {value!r}")
         if not isinstance(self.pad_id, int) or not 0 <= self.pad_id < self.num_tokens:
             raise ValueError(f"pad_id must be a token id in 0..{self.num_tokens - 1}, got {self.pad_id!r}")
-        if self.attn_impl not in ("sdpa", "matmul"):
-            raise ValueError(f'attn_impl must be "sdpa" or "matmul", got {self.attn_impl!r}')
+        if self.attn_impl not in ("auto", "sdpa", "matmul"):
+            raise ValueError(f'attn_impl must be "auto", "sdpa" or "matmul", got {self.attn_impl!r}')
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps must be > 0, got {self.norm_eps!r}")
         if not self.init_std > 0:
@@ -263,15 +264,18 @@ def apply_rotary(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: Optional[torch.Tensor] = None,
-           causal: bool = False, dropout_p: float = 0.0, impl: str = "sdpa") -> torch.Tensor:
+           causal: bool = False, dropout_p: float = 0.0, impl: str = "auto") -> torch.Tensor:
     """Scaled dot-product attention: softmax(q k^T / sqrt(dh)) v, keys masked by key_mask (True = attend).
 
     impl "sdpa": torch's scaled_dot_product_attention (flash / memory-efficient kernels: the choice on GPU
     and for long sequences). impl "matmul": two plain matmuls (bf16 under autocast) around a softmax that
     accumulates in float32; on CPU with AMX this is about 2x faster than SDPA's CPU kernels (forward +
-    backward) at RETRO's 64-512-token sizes, where SDPA took about 14% of a training step.
+    backward) at RETRO's 64-512-token sizes, where SDPA took about 14% of a training step. impl "auto":
+    SDPA on GPU, matmul on CPU (a whole RETRO training step 1.2x faster here: benchmarks/retro_model_speed.py).
     """
     # q: (B, h, n, dh); k, v: (B, h, m, dh); key_mask: (B, m) bool -> out (B, h, n, dh)
+    if impl == "auto":
+        impl = "matmul" if q.device.type == "cpu" else "sdpa"
     if impl == "sdpa":
         mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, m)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p)
@@ -414,7 +418,7 @@ class SelfAttention(nn.Module):
     """Multi-head self-attention with a fused QKV projection, rotary positions and SDPA."""
 
     def __init__(self, dim: int, heads: int, dim_head: int, *, causal: bool, dropout: float,
-                 impl: str = "sdpa") -> None:
+                 impl: str = "auto") -> None:
         super().__init__()
         self.heads, self.dim_head, self.causal, self.dropout, self.impl = heads, dim_head, causal, dropout, impl
         self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
@@ -442,7 +446,7 @@ class CrossAttention(nn.Module):
     """Multi-head cross-attention (fused KV projection, rotary on both sides, optional null key/value)."""
 
     def __init__(self, dim: int, context_dim: int, heads: int, dim_head: int, *, dropout: float,
-                 null_kv: bool, impl: str = "sdpa") -> None:
+                 null_kv: bool, impl: str = "auto") -> None:
         super().__init__()
         self.heads, self.dim_head, self.dropout, self.impl = heads, dim_head, dropout, impl
         inner = heads * dim_head
@@ -481,7 +485,7 @@ class ChunkedCrossAttention(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int, dim_head: int, chunk_size: int, *, dropout: float,
-                 impl: str = "sdpa") -> None:
+                 impl: str = "auto") -> None:
         super().__init__()
         self.chunk_size = chunk_size
         self.attn = CrossAttention(dim, dim, heads, dim_head, dropout=dropout, null_kv=True, impl=impl)

@@ -289,3 +289,16 @@ def test_config_validation_and_presets():
         retro_config("tiny", not_a_field=1)
     with pytest.raises(TypeError):
         RetroConfig(64)  # keyword-only
+
+
+def test_auto_attention_is_the_matmul_path_on_cpu_and_the_default():
+    """The default kernel choice: on CPU, "auto" computes exactly what "matmul" computes (the faster CPU path)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8) for _ in range(3))
+    mask = torch.rand(2, 5) > 0.3
+    mask[:, 0] = True
+    from models.retro import attend
+
+    assert RetroConfig().attn_impl == "auto"
+    assert torch.equal(attend(q, k, v, key_mask=mask, impl="auto"), attend(q, k, v, key_mask=mask, impl="matmul"))
+    assert torch.equal(attend(q, k, v, causal=True, impl="auto"), attend(q, k, v, causal=True, impl="matmul"))
