@@ -639,7 +639,9 @@ def launch(cfg: CommonTrainConfig, *, job: str, task_class: str, config_class: s
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": dataclasses.asdict(cfg), "config_class": config_class, "task_class": task_class,
+        # --data and --out as absolute URLs: the workers' working directory is not the driver's
+        train_loop_config={"config": {**dataclasses.asdict(cfg), "data": open_location(cfg.data).url, "out": out.url},
+                           "config_class": config_class, "task_class": task_class,
                            "task_extra": task_extra or {}},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=job, storage_path=storage_path, storage_filesystem=storage_fs,

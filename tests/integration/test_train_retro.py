@@ -104,10 +104,18 @@ def common(data, out, steps):
 
 @pytest.fixture(scope="module")
 def runs(build):
-    """A 2-worker run of 6 steps, and one of 4 steps resumed to 6 (the samples are copied, not rebuilt)."""
+    """A 2-worker run of 6 steps, and one of 4 steps resumed to 6 (the samples are copied, not rebuilt).
+
+    The first run names --data and --out relative to the driver's working directory, as `make demo` does:
+    the Ray Train workers run elsewhere and must still write there."""
     data = build / "build"
     a, b = build / "run_a", build / "run_b"
-    assert run_train(*common(data, a, 6)) == 0
+    cwd = os.getcwd()
+    os.chdir(build)
+    try:
+        assert run_train(*common("build", "run_a", 6)) == 0
+    finally:
+        os.chdir(cwd)
     b.mkdir()
     shutil.copytree(a / "retro_samples", b / "retro_samples")
     assert run_train(*common(data, b, 4)) == 0
