@@ -517,6 +517,16 @@ def _load_checkpoint(rank: int) -> tuple[Optional[dict], Optional[dict]]:
     return main, rank_state
 
 
+def check_same_model(saved: dict, wanted: dict) -> None:
+    """A resumed run must build the model its checkpoint holds; say which settings differ instead of a
+    state-dict size mismatch (a changed --preset, --override or --vocab with an old --out)."""
+    changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+    if saved and changed:
+        diff = ", ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {wanted.get(k)!r} now" for k in changed)
+        raise ValueError(f"--out holds a checkpoint of a different model ({diff}); use a new --out, or --no-resume "
+                         "to start over")
+
+
 def train_loop(loop_config: dict) -> None:
     """The per-worker training loop: build, resume, train, log, evaluate, checkpoint (see the module docstring)."""
     import ray.train
@@ -537,6 +547,7 @@ def train_loop(loop_config: dict) -> None:
     main, rank_state = _load_checkpoint(rank)
     step, position = 0, task.start_position()
     if main is not None:
+        check_same_model(json.loads(main.get("model_config_json", "{}")), json.loads(task.model_config_json()))
         raw_model.load_state_dict(main["model"])
         step = int(main["step"])
         position = json.loads(rank_state["position_json"])

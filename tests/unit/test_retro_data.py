@@ -253,3 +253,12 @@ def test_token_map_renumbers_and_maps_unknown_ids_to_unk():
     assert m.to_full(np.array([0, 1, 4])).tolist() == [0, 3, 5000]
     with pytest.raises(ValueError):
         TokenMap(np.array([3, 100]))
+
+
+def test_resuming_a_different_model_is_refused_with_the_settings_that_differ():
+    from pipelines.train_common import check_same_model
+
+    check_same_model({"num_tokens": 100, "dim": 8}, {"num_tokens": 100, "dim": 8})  # same model: resumes
+    check_same_model({}, {"num_tokens": 100})  # a checkpoint without a recorded config: nothing to compare
+    with pytest.raises(ValueError, match=r"num_tokens: 30522 in the checkpoint, 13759 now.*--no-resume"):
+        check_same_model({"num_tokens": 30522, "dim": 8}, {"num_tokens": 13759, "dim": 8})
