@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import time
 from pathlib import Path
 
-from retro_bench_common import PAIRS, build, metrics, plot, ray_up, save
+from retro_bench_common import PAIRS, build, plot, ray_up, save, timed_run
 
 EXTRA = ["as_you_like_it_gut.txt", "coriolanus_gut.txt", "cymbeline_gut.txt", "henry_v_gut.txt",
          "merchant_of_venice_gut.txt", "much_ado_about_nothing_gut.txt", "richard_ii_gut.txt", "winters_tale_gut.txt"]
@@ -43,12 +42,7 @@ def main() -> None:
            "--eval-docs", "4", "--eval-segments", "24", "--log-every", "5", "--checkpoint-every", str(args.steps),
            "--vocab", "corpus"]
     cmd += [a for o in MODEL for a in ("--override", o)]
-    start = time.perf_counter()
-    assert train(cmd) == 0
-    train_s = time.perf_counter() - start
-    rows = metrics(out)
-    tr = [r for r in rows if r["kind"] == "train"]
-    ev = [r for r in rows if r["kind"] == "eval"]
+    train_s, tr, ev = timed_run(train, cmd, out)
     last = ev[-1]
     keys = ("eval_loss", "eval_loss_no_memory", "eval_loss_no_knn")
     result = {

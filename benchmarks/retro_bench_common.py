@@ -71,6 +71,16 @@ def metrics(out: Path) -> list[dict]:
     return read_metrics(str(out))
 
 
+def timed_run(train, cmd: list[str], out: Path) -> tuple[float, list[dict], list[dict]]:
+    """Run a training job's ``main(cmd)`` in-process: (seconds, its train rows, its eval rows)."""
+    start = time.perf_counter()
+    if train(cmd) != 0:
+        raise SystemExit(f"training failed: {' '.join(cmd)}")
+    seconds = time.perf_counter() - start
+    rows = metrics(out)
+    return seconds, [r for r in rows if r["kind"] == "train"], [r for r in rows if r["kind"] == "eval"]
+
+
 def save(name: str, result: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

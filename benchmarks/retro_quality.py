@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import time
 from pathlib import Path
 
-from retro_bench_common import PAIRS, build, metrics, plot, ray_up, save
+from retro_bench_common import PAIRS, build, plot, ray_up, save, timed_run
 
 MODEL = ["enc_dim=64", "enc_depth=2", "dec_dim=128", "dec_depth=4", "dec_cross_attn_layers=(2, 4)", "heads=4",
          "dim_head=32", "rotary_dim=16", "attn_impl='matmul'"]
@@ -82,12 +81,7 @@ def main() -> None:
            "--num-neighbors", str(args.num_neighbors), "--eval-every", str(args.eval_every), "--eval-batches", "8",
            "--eval-fraction", "0.05", "--log-every", "5",
            "--checkpoint-every", str(args.steps), "--vocab", "corpus"] + [a for o in MODEL for a in ("--override", o)]
-    start = time.perf_counter()
-    assert train(cmd) == 0
-    train_s = time.perf_counter() - start
-    rows = metrics(out)
-    tr = [r for r in rows if r["kind"] == "train"]
-    ev = [r for r in rows if r["kind"] == "eval"]
+    train_s, tr, ev = timed_run(train, cmd, out)
     last = ev[-1]
     result = {
         "benchmark": "retro_quality",
