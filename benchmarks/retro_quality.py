@@ -3,8 +3,11 @@ First Folio spelling, so most held-out passages have a near-copy in the other ed
 the held-out loss with the retrieved neighbors against the same model's loss with every neighbor replaced by
 padding. Writes benchmarks/results/retro_quality.json and retro_quality.png.
 
-    .venv/bin/python benchmarks/retro_quality.py             # the build (cached) first, then the training run
-    .venv/bin/python benchmarks/retro_quality.py --steps 300 # quicker, smaller gap
+    .venv/bin/python benchmarks/retro_quality.py              # the build (cached), then ~20 min of training
+    .venv/bin/python benchmarks/retro_quality.py --steps 3000 # quicker, smaller gap (0.03 nats at 3000 steps)
+
+The gap grows with training as the model learns to copy from misaligned near-duplicates (0.02 nats at 1,000
+steps, 0.05 at 4,000, 0.10 at 8,000): content-based copying emerges slowly in a small model.
 """
 from __future__ import annotations
 
@@ -60,10 +63,10 @@ def main() -> None:
     ap.add_argument("--chunk-size", type=int, default=16, help="the build's chunk size")
     ap.add_argument("--seq-len", type=int, default=128, help="the build's and the training sequence length")
     ap.add_argument("--num-neighbors", type=int, default=1, help="neighbors per chunk fed to the model")
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=10000)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--eval-every", type=int, default=1000)
     ap.add_argument("--num-workers", type=int, default=2)
     args = ap.parse_args()
 
