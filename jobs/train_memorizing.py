@@ -65,31 +65,19 @@ def main(argv: list[str] | None = None) -> int:
         order.next_train(0, 1, limit=order.n_docs)
         if cfg.eval_fraction > 0 and not order.eval_docs(1):
             raise ValueError(f"--eval-fraction {cfg.eval_fraction} holds out none of the {order.n_docs} documents; raise it")
-        model = memorizing_model_dict(cfg.preset, parse_overrides(cfg.override), vocab_size=reader.vocab_size)
+        memorizing_model_dict(cfg.preset, parse_overrides(cfg.override), vocab_size=reader.vocab_size)  # fails early
         check_writable(out)
     except (FileNotFoundError, PermissionError, ValueError) as e:
         fail(str(e))
 
     from pipelines.ray_session import init_ray
-    from pipelines.train_common import corpus_vocab, launch, summary_lines
+    from pipelines.train_common import run_training
 
     init_ray(cfg.ray_address or None, cfg.num_cpus or None)
-    vocab = None
-    if cfg.vocab == "corpus":
-        vocab = corpus_vocab(data, out).tolist()
-        model = memorizing_model_dict(cfg.preset, parse_overrides(cfg.override), vocab_size=len(vocab))
-        print(f"memorizing: corpus vocabulary of {len(vocab)} of the tokenizer's {reader.vocab_size} tokens", flush=True)
-    try:
-        launch(cfg, job=JOB, task_class="pipelines.memorizing_data:MemorizingTask",
-               config_class="jobs.train_memorizing:MemorizingTrainConfig",
-               task_extra={"model_config": model, "vocab_ids": vocab})
-    except Exception as e:  # noqa: BLE001 - Ray Train raises the workers' error here; report it in one line
-        cause = getattr(e, "__cause__", None) or e
-        print(f"error: training failed: {type(cause).__name__}: {cause}", file=sys.stderr)
-        return 1
-    for line in summary_lines(out, JOB, time.perf_counter() - start):
-        print(line, flush=True)
-    return 0
+    return run_training(cfg, job=JOB, data=data, out=out, vocab_size=reader.vocab_size,
+                        model_for=lambda v: memorizing_model_dict(cfg.preset, parse_overrides(cfg.override), vocab_size=v),
+                        task_class="pipelines.memorizing_data:MemorizingTask",
+                        config_class="jobs.train_memorizing:MemorizingTrainConfig", task_extra={}, start=start)
 
 
 if __name__ == "__main__":

@@ -66,14 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         data, out = open_location(cfg.data), open_location(cfg.out)
         spec, reader, _ = resolve_spec(data, seq_len=cfg.seq_len, num_neighbors=cfg.num_neighbors,
                                        eval_fraction=cfg.eval_fraction, split_seed=0)
-        model = retro_model_dict(cfg.preset, parse_overrides(cfg.override), vocab_size=reader.vocab_size,
-                                 chunk_size=reader.chunk_size, seq_len=spec.seq_len)
+        retro_model_dict(cfg.preset, parse_overrides(cfg.override), vocab_size=reader.vocab_size,
+                         chunk_size=reader.chunk_size, seq_len=spec.seq_len)  # a bad preset or override fails here
         check_writable(out)
     except (FileNotFoundError, PermissionError, ValueError) as e:
         fail(str(e))
 
     from pipelines.ray_session import init_ray
-    from pipelines.train_common import corpus_vocab, launch, summary_lines
+    from pipelines.train_common import run_training
 
     init_ray(cfg.ray_address or None, cfg.num_cpus or None)
     samples = build_samples(data, out, spec, partitions=cfg.data_partitions)
@@ -81,23 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         print(line, flush=True)
     if samples.train < cfg.batch_size:
         fail(f"only {samples.train} training samples, fewer than --batch-size {cfg.batch_size}")
-    vocab = None
-    if cfg.vocab == "corpus":
-        vocab = corpus_vocab(data, out).tolist()
-        model = retro_model_dict(cfg.preset, parse_overrides(cfg.override), vocab_size=len(vocab),
-                                 chunk_size=reader.chunk_size, seq_len=spec.seq_len)
-        print(f"retro: corpus vocabulary of {len(vocab)} of the tokenizer's {reader.vocab_size} tokens", flush=True)
-    try:
-        launch(cfg, job=JOB, task_class="pipelines.retro_data:RetroTask",
-               config_class="jobs.train_retro:RetroTrainConfig",
-               task_extra={"samples_url": samples.folder, "model_config": model, "vocab_ids": vocab})
-    except Exception as e:  # noqa: BLE001 - Ray Train raises the workers' error here; report it in one line
-        cause = getattr(e, "__cause__", None) or e
-        print(f"error: training failed: {type(cause).__name__}: {cause}", file=sys.stderr)
-        return 1
-    for line in summary_lines(out, JOB, time.perf_counter() - start):
-        print(line, flush=True)
-    return 0
+    return run_training(cfg, job=JOB, data=data, out=out, vocab_size=reader.vocab_size,
+                        model_for=lambda v: retro_model_dict(cfg.preset, parse_overrides(cfg.override), vocab_size=v,
+                                                             chunk_size=reader.chunk_size, seq_len=spec.seq_len),
+                        task_class="pipelines.retro_data:RetroTask", config_class="jobs.train_retro:RetroTrainConfig",
+                        task_extra={"samples_url": samples.folder}, start=start)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import numpy as np
 from pipelines.manifest import require_manifest
 from pipelines.parquet_io import read_table
 from pipelines.storage import Location, open_location
-from pipelines.train_common import BuildReader, TokenMap, TrainTask, all_reduce_sum, in_eval_split, seeded_rng
+from pipelines.train_common import BuildReader, TrainTask, all_reduce_sum, in_eval_split, seeded_rng
 
 
 class DocOrder:
@@ -217,7 +217,6 @@ class MemorizingTask(TrainTask):
         self.order = DocOrder(data, self.reader, seed=cfg.seed, eval_fraction=cfg.eval_fraction)
         self.streams = Streams(self.order, seq_len=cfg.seq_len, batch_size=cfg.batch_size, rank=rank, world=world)
         self.model_dict = extra["model_config"]
-        self.vocab = TokenMap(np.asarray(extra["vocab_ids"])) if extra.get("vocab_ids") else None
         self.memory = None
         self._pending_memory: Optional[dict] = None
 
@@ -241,19 +240,11 @@ class MemorizingTask(TrainTask):
     def start_position(self) -> dict:
         return self.streams.start_position()
 
-    def checkpoint_extra(self) -> dict:
-        import torch
-
-        return {"vocab_ids": torch.from_numpy(self.vocab.ids)} if self.vocab is not None else {}
-
-    def _compact(self, tokens: np.ndarray) -> np.ndarray:
-        return self.vocab.to_compact(tokens) if self.vocab is not None else tokens
-
     def batches(self, position: dict):
         import torch
 
         for batch, pos in self.streams.batches(position):
-            batch["inputs"], batch["labels"] = self._compact(batch["inputs"]), self._compact(batch["labels"])
+            batch["inputs"], batch["labels"] = self.compact(batch["inputs"]), self.compact(batch["labels"])
             yield {k: torch.from_numpy(v).to(self.device) for k, v in batch.items()}, pos
 
     def tokens_in(self, batch) -> int:
@@ -281,7 +272,7 @@ class MemorizingTask(TrainTask):
         docs = self.order.eval_docs(self.cfg.eval_docs)[self.rank::self.world]
         sums = np.zeros(4)  # with memory, no memory, XL only, tokens
         for lo in range(0, len(docs), self.cfg.local_batch_size):
-            group = [self._compact(self.order.doc_tokens(d)) for d in docs[lo: lo + self.cfg.local_batch_size]]
+            group = [self.compact(self.order.doc_tokens(d)) for d in docs[lo: lo + self.cfg.local_batch_size]]
             n_seg = min(self.cfg.eval_segments, max(num_segments(len(t), self.cfg.seq_len) for t in group))
             memories = [model.create_memory(len(group), device=self.device) for _ in range(2)]
             for k in range(n_seg):

@@ -36,7 +36,7 @@ from pipelines.latest import NeighborsReader, resolve_latest
 from pipelines.manifest import part_name, read_manifest, require_manifest, write_manifest
 from pipelines.parquet_io import read_table, write_table
 from pipelines.storage import Location, open_location
-from pipelines.train_common import (BuildReader, TokenMap, TrainTask, all_reduce_sum, fingerprint, in_eval_split,
+from pipelines.train_common import (BuildReader, TrainTask, all_reduce_sum, fingerprint, in_eval_split,
                                     seeded_rng)
 
 FOLDER = "retro_samples"
@@ -462,12 +462,6 @@ class RetroTask(TrainTask):
         super().__init__(cfg, rank, world, device, extra)
         self.samples = RetroSamples(cfg.out, extra["samples_url"], seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer)
         self.model_dict = extra["model_config"]
-        self.vocab = TokenMap(np.asarray(extra["vocab_ids"])) if extra.get("vocab_ids") else None
-
-    def checkpoint_extra(self) -> dict:
-        import torch
-
-        return {"vocab_ids": torch.from_numpy(self.vocab.ids)} if self.vocab is not None else {}
 
     def model_config_json(self) -> str:
         return json.dumps(self.model_dict)
@@ -483,8 +477,7 @@ class RetroTask(TrainTask):
     def _tensors(self, tok: np.ndarray, ret: np.ndarray):
         import torch
 
-        if self.vocab is not None:
-            tok, ret = self.vocab.to_compact(tok), self.vocab.to_compact(ret)
+        tok, ret = self.compact(tok), self.compact(ret)
         return (torch.from_numpy(tok.astype(np.int64)).to(self.device),
                 torch.from_numpy(ret.astype(np.int64)).to(self.device))
 

@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -405,6 +405,12 @@ class TrainTask:
 
     def __init__(self, cfg: CommonTrainConfig, rank: int, world: int, device: Any, extra: dict):
         self.cfg, self.rank, self.world, self.device, self.extra = cfg, rank, world, device, extra
+        # --vocab corpus: the model's ids are the build's token ids renumbered (see TokenMap)
+        self.vocab = TokenMap(np.asarray(extra["vocab_ids"])) if extra.get("vocab_ids") else None
+
+    def compact(self, tokens: np.ndarray) -> np.ndarray:
+        """Tokenizer ids -> the model's ids (unchanged without a corpus vocabulary)."""
+        return self.vocab.to_compact(tokens) if self.vocab is not None else tokens
 
     def model_config_json(self) -> str:
         """The model config as JSON (stored in checkpoints; generation rebuilds the model from it)."""
@@ -445,8 +451,10 @@ class TrainTask:
         pass
 
     def checkpoint_extra(self) -> dict:
-        """Extra entries of rank 0's model.pt (tensors and plain values), e.g. the vocabulary map."""
-        return {}
+        """Extra entries of rank 0's model.pt: the vocabulary map, which generation needs."""
+        import torch
+
+        return {"vocab_ids": torch.from_numpy(self.vocab.ids)} if self.vocab is not None else {}
 
     def param_groups(self, model, lr: float) -> list[dict]:
         from models.pkm import param_groups
@@ -660,6 +668,29 @@ def launch(cfg: CommonTrainConfig, *, job: str, task_class: str, config_class: s
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
     )
     return trainer.fit()
+
+
+def run_training(cfg: CommonTrainConfig, *, job: str, data: Location, out: Location, vocab_size: int,
+                 model_for: Callable[[int], dict], task_class: str, config_class: str, task_extra: dict,
+                 start: float) -> int:
+    """The part of a training job after its checks: the corpus vocabulary when asked for (the model is then
+    rebuilt by ``model_for(vocab size)``), Ray Train, one error line on failure, the closing summary.
+    Returns the exit code."""
+    model, vocab = model_for(vocab_size), None
+    if cfg.vocab == "corpus":
+        vocab = corpus_vocab(data, out).tolist()
+        model = model_for(len(vocab))
+        print(f"{job}: corpus vocabulary of {len(vocab)} of the tokenizer's {vocab_size} tokens", flush=True)
+    try:
+        launch(cfg, job=job, task_class=task_class, config_class=config_class,
+               task_extra={**task_extra, "model_config": model, "vocab_ids": vocab})
+    except Exception as e:  # noqa: BLE001 - Ray Train raises the workers' error here; report it in one line
+        cause = getattr(e, "__cause__", None) or e
+        print(f"error: training failed: {type(cause).__name__}: {cause}", file=sys.stderr)
+        return 1
+    for line in summary_lines(out, job, time.perf_counter() - start):
+        print(line, flush=True)
+    return 0
 
 
 def summary_lines(out: Location, job: str, seconds: float) -> list[str]:
