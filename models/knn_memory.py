@@ -15,12 +15,17 @@ device (separate, so that searches scan contiguous keys and return contiguous te
 Search has two paths, chosen per row by size and device:
   * exact: a batched matmul of queries against the filled slots plus ``topk`` (always on GPU; on CPU
     while a row holds fewer than ``faiss_min_entries`` entries);
-  * faiss IVF-flat (CPU, large rows): one ``IndexIVFFlat`` per row mirrors the row's entries with their
-    ids; evicted ids are removed before their slot is reused, so a returned id always names a live slot.
-    The coarse quantizer is trained from the row's own keys when the row gets large and retrained as the
-    row grows and turns over.
+  * IVF (CPU, large rows): the row's keys are clustered into lists by a coarse quantizer trained on the
+    row's own keys (faiss k-means), retrained as the row grows and turns over, and a query scans only the
+    entries of its ``nprobe`` nearest lists. Two implementations, in :mod:`models.knn_ivf`: a numba scan
+    that goes list by list over a ``slot -> list`` map of the ring buffer (backend ``"ivf"``, the default
+    when numba is installed), or a faiss ``IndexIVFFlat`` that mirrors the row's entries with their ids
+    (backend ``"faiss"``). Either way a search only ever returns entries the row holds now.
 State (buffers and counts) round-trips through :meth:`KNNMemory.state_dict`; faiss indexes are derived
 state and are rebuilt from the buffers when needed.
+
+Search results are gathered into buffers the memory reuses once nothing refers to them any more (not
+the caller, not autograd): fresh 10-100 MB tensors per search cost more in page faults than the copy.
 """
 
 from __future__ import annotations
@@ -32,16 +37,13 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-try:  # faiss is optional: without it every search is exact
-    import faiss  # type: ignore
-except ImportError:  # pragma: no cover - faiss-cpu is a project dependency
-    faiss = None
+from models.knn_ivf import FaissRowIndex, ListScanRowIndex, faiss, list_scan_available, train_centroids
 
 __all__ = ["KNNMemoryConfig", "KNNMemory", "KNNSearchResult"]
 
 RowSelector = Union[None, int, Sequence[int], torch.Tensor, np.ndarray]
 
-_BACKENDS = ("auto", "exact", "faiss")
+_BACKENDS = ("auto", "exact", "ivf", "faiss")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -56,25 +58,29 @@ class KNNMemoryConfig:
     """Entries kept per row; when full, the oldest entries are evicted first (FIFO)."""
 
     backend: str = "auto"
-    """``"auto"`` (exact on GPU and for small rows, faiss IVF-flat for large rows on CPU), ``"exact"``, or
-    ``"faiss"`` (faiss for every row that has at least ``faiss_min_entries``; exact below that)."""
+    """``"auto"`` (exact on GPU and for small rows; for large rows on CPU the numba IVF list scan, or faiss
+    when numba is missing or ``ivf_codec`` is ``"sq8"``), ``"exact"``, ``"ivf"`` (the numba IVF list scan)
+    or ``"faiss"`` (a faiss IVF index). ``"ivf"`` and ``"faiss"`` apply to rows with at least
+    ``faiss_min_entries`` entries, on any device; smaller rows are searched exactly."""
 
     faiss_min_entries: int = 8192
-    """A row switches from exact search to faiss once it holds this many entries (CPU only)."""
+    """A row switches from exact search to an IVF index once it holds this many entries (CPU only under
+    ``"auto"``)."""
 
     nlist: Optional[int] = None
     """IVF lists per row at full size; ``None`` means about ``4 * sqrt(capacity)`` (1024 at 64k).
     Smaller rows use fewer lists (at least ``train_points_per_list`` training points per list)."""
 
     ivf_codec: str = "flat"
-    """How IVF lists store keys: ``"flat"`` (IndexIVFFlat, exact distances within the scanned lists) or
-    ``"sq8"`` (IndexIVFScalarQuantizer, 8 bits per dimension: about 1.5x faster scans, slightly lower
-    recall; results are still exact keys and values, only the ranking uses the 8-bit codes)."""
+    """How faiss IVF lists store keys: ``"flat"`` (IndexIVFFlat, exact distances within the scanned lists)
+    or ``"sq8"`` (IndexIVFScalarQuantizer, 8 bits per dimension; results are still exact keys and values,
+    only the ranking uses the 8-bit codes). The numba list scan always ranks by the stored keys."""
 
-    nprobe: int = 8
-    """IVF lists scanned per query: the speed/recall knob."""
+    nprobe: int = 4
+    """IVF lists scanned per query: the speed/recall knob (4 of 1,024 lists gave recall@32 0.94 on
+    clustered unit vectors at 64k entries; see benchmarks/knn_memory_speed.py)."""
 
-    min_candidates: int = 512
+    min_candidates: int = 256
     """Scan at least this many entries per query (raises ``nprobe`` while lists are small)."""
 
     train_points_per_list: int = 32
@@ -106,8 +112,12 @@ class KNNMemoryConfig:
             raise ValueError(f"capacity must be >= 1, got {self.capacity}")
         if self.backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {self.backend!r}")
-        if self.backend == "faiss" and faiss is None:
-            raise ValueError("backend='faiss' needs the faiss package (pip install faiss-cpu)")
+        if self.backend in ("faiss", "ivf") and faiss is None:
+            raise ValueError(f"backend={self.backend!r} needs the faiss package (pip install faiss-cpu)")
+        if self.backend == "ivf" and not list_scan_available():
+            raise ValueError("backend='ivf' needs the numba package (pip install numba); or use backend='faiss'")
+        if self.backend == "ivf" and self.ivf_codec != "flat":
+            raise ValueError(f"ivf_codec={self.ivf_codec!r} applies to backend='faiss' only")
         if self.faiss_min_entries < 1:
             raise ValueError(f"faiss_min_entries must be >= 1, got {self.faiss_min_entries}")
         if self.nlist is not None and self.nlist < 1:
@@ -155,73 +165,21 @@ class KNNSearchResult:
     """(rows, queries, k) int64 entry ids (counted from the row's last clear), -1 where ``mask`` is False."""
 
 
-class _RowIndex:
-    """One faiss IVF-flat index mirroring one row's live entries (ids = entry ids since the row's clear)."""
-
-    def __init__(self, dim: int, nlist: int, cfg: KNNMemoryConfig, train_keys: Optional[np.ndarray] = None,
-                 centroids: Optional[np.ndarray] = None, size_at_train: int = 0,
-                 sq_params: Optional[np.ndarray] = None) -> None:
-        """Train the quantizers on ``train_keys``, or take given ``centroids`` (nlist, dim) (and, for sq8,
-        the scalar quantizer's ``sq_params``) as they are."""
-        quantizer = faiss.IndexFlatIP(dim)
-        if cfg.ivf_codec == "sq8":
-            index = faiss.IndexIVFScalarQuantizer(
-                quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT, False
-            )
-        else:
-            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        if centroids is not None:
-            quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
-            if sq_params is not None:
-                faiss.copy_array_to_vector(np.ascontiguousarray(sq_params, dtype=np.float32), index.sq.trained)
-            index.is_trained = True
-        else:
-            index.cp.niter = cfg.train_iters
-            index.cp.max_points_per_centroid = cfg.train_points_per_list
-            index.cp.min_points_per_centroid = 1
-            index.cp.verbose = False
-            index.train(train_keys)
-            size_at_train = int(train_keys.shape[0])
-        index.nprobe = min(cfg.nprobe, nlist)
-        self.nprobe, self.min_candidates = cfg.nprobe, cfg.min_candidates
-        self.index = index
-        self.quantizer = quantizer  # keep the quantizer alive as long as the index
-        self.nlist = nlist
-        self.size_at_train = size_at_train
-        self.added_since_train = 0
-
-    def centroids(self) -> np.ndarray:
-        """(nlist, dim) the trained list centroids."""
-        return self.quantizer.reconstruct_n(0, self.nlist)
-
-    def sq_params(self) -> Optional[np.ndarray]:
-        """The trained scalar-quantizer ranges (sq8 codec), else None."""
-        sq = getattr(self.index, "sq", None)
-        return None if sq is None else faiss.vector_to_array(sq.trained)
-
-    def add(self, keys: np.ndarray, ids: np.ndarray) -> None:
-        if keys.shape[0]:
-            self.index.add_with_ids(keys, ids)
-            self.added_since_train += int(keys.shape[0])
-
-    def remove_below(self, first_live_id: int) -> None:
-        """Drop every id below ``first_live_id`` (the evicted ones)."""
-        if first_live_id > 0:
-            self.index.remove_ids(faiss.IDSelectorRange(0, int(first_live_id)))
-
-    def search(self, queries: np.ndarray, k: int) -> np.ndarray:
-        mean_list = max(1.0, self.index.ntotal / self.nlist)
-        self.index.nprobe = int(min(self.nlist, max(self.nprobe, math.ceil(self.min_candidates / mean_list))))
-        _, ids = self.index.search(queries, k)
-        return ids  # (Q, k) int64, -1 where fewer found
+_RowIndex = Union[FaissRowIndex, ListScanRowIndex]
 
 
 def _to_numpy_f32(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.detach().to("cpu", torch.float32).numpy())
 
 
+def _slot_ids(slots: np.ndarray, count: int, capacity: int) -> np.ndarray:
+    """Entry ids held in ring-buffer ``slots`` of a row that has seen ``count`` adds since its clear: the
+    largest id below ``count`` that maps to each slot (``id % capacity == slot``)."""
+    return count - 1 - ((count - 1 - slots) % capacity)
+
+
 class KNNMemory:
-    """Per-row FIFO kNN memory: ``add``, ``search``, ``clear`` rows; state on a device; faiss for big rows.
+    """Per-row FIFO kNN memory: ``add``, ``search``, ``clear`` rows; state on a device; IVF for big rows.
 
     Args:
         num_rows: batch rows (one independent memory each).
@@ -241,6 +199,7 @@ class KNNMemory:
         # entries ever added to each row since its last clear (host-side: no device syncs to read it)
         self.counts = np.zeros(num_rows, dtype=np.int64)  # (R,)
         self._indexes: list[Optional[_RowIndex]] = [None] * num_rows
+        self._result_buffers: list[tuple[torch.Tensor, torch.Tensor]] = []  # reused search outputs
 
     # ------------------------------------------------------------------ bookkeeping
     @property
@@ -273,10 +232,16 @@ class KNNMemory:
             raise ValueError(f"row indices must be unique, got {arr.tolist()}")
         return arr
 
-    def _use_faiss(self) -> bool:
+    def _use_ivf(self) -> bool:
+        """Whether large rows get an IVF index (always on CPU under "auto"; when asked for, anywhere)."""
         return faiss is not None and self.config.backend != "exact" and (
-            self.config.backend == "faiss" or self.device.type == "cpu"
+            self.config.backend in ("faiss", "ivf") or self.device.type == "cpu"
         )
+
+    def _list_scan(self) -> bool:
+        """Whether IVF rows use the numba list scan (else a faiss IVF index)."""
+        backend = self.config.backend
+        return backend == "ivf" or (backend == "auto" and self.config.ivf_codec == "flat" and list_scan_available())
 
     # ------------------------------------------------------------------ mutation
     @torch.no_grad()
@@ -329,13 +294,13 @@ class KNNMemory:
         self.keys[rr, slots] = keys[rr, cc]
         self.values[rr, slots] = values[rr, cc]
         counts_after = self.counts + new_per_row
-        if self._use_faiss():
+        if self._use_ivf():
             for r in range(R):
                 if self._indexes[r] is not None and new_per_row[r] > 0:
                     sel = survive[r]
                     self._index_add(r, int(counts_after[r]), keys[r][sel], ids[r][sel].cpu().numpy())
         self.counts = counts_after
-        if self._use_faiss():
+        if self._use_ivf():
             self._maybe_build_indexes()
 
     def _add_dense(self, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -344,7 +309,7 @@ class KNNMemory:
         n = keys.shape[1]
         m = min(n, C)  # only the last C new pairs can survive
         keys, values = keys[:, n - m :], values[:, n - m :]
-        use_faiss = self._use_faiss()
+        use_ivf = self._use_ivf()
         for r in range(R):
             first_id = int(self.counts[r]) + n - m  # id of keys[r, 0]
             start = first_id % C
@@ -355,19 +320,17 @@ class KNNMemory:
                 self.keys[r, : m - head] = keys[r, head:]
                 self.values[r, : m - head] = values[r, head:]
             self.counts[r] += n
-            if use_faiss and self._indexes[r] is not None:
+            if use_ivf and self._indexes[r] is not None:
                 self._index_add(r, int(self.counts[r]), keys[r], np.arange(first_id, first_id + m, dtype=np.int64))
-        if use_faiss:
+        if use_ivf:
             self._maybe_build_indexes()
 
     def _index_add(self, r: int, count_after: int, keys: torch.Tensor, ids: np.ndarray) -> None:
-        """Mirror an add into row ``r``'s faiss index: drop the evicted ids first, then add the new ones."""
-        index = self._indexes[r]
-        index.remove_below(max(0, count_after - self.capacity))
-        index.add(_to_numpy_f32(keys), ids.astype(np.int64))
+        """Mirror an add into row ``r``'s IVF index (which also forgets the entries it evicted)."""
+        self._indexes[r].add(_to_numpy_f32(keys), ids.astype(np.int64), self.capacity, count_after)
 
     def _maybe_build_indexes(self) -> None:
-        """(Re)train the faiss index of rows that became large, grew, or turned over."""
+        """(Re)train the IVF index of rows that became large, grew, or turned over."""
         cfg = self.config
         sizes = self.sizes()
         for r in range(self.num_rows):
@@ -389,19 +352,14 @@ class KNNMemory:
         size = int(self.sizes()[r])
         count = int(self.counts[r])
         keys = _to_numpy_f32(self.keys[r, :size])  # (size, d), slot order
-        slot_ids = np.arange(size, dtype=np.int64)
-        # id of the entry in slot s: the largest id < count with id % C == s
-        C = self.capacity
-        ids = count - 1 - ((count - 1 - slot_ids) % C)
         if centroids is None:
-            rng = np.random.default_rng(count)
-            n_train = min(size, nlist * self.config.train_points_per_list)
-            sample = keys[rng.choice(size, n_train, replace=False)] if n_train < size else keys
-            index = _RowIndex(self.config.dim, nlist, self.config, train_keys=sample)
+            centroids = train_centroids(keys, nlist, self.config, seed=count)
+            size_at_train = size
+        if self._list_scan():
+            index: _RowIndex = ListScanRowIndex(centroids, self.config, size_at_train, self.capacity)
         else:
-            index = _RowIndex(self.config.dim, nlist, self.config, centroids=centroids, size_at_train=size_at_train,
-                              sq_params=sq_params)
-        index.add(keys, ids)
+            index = FaissRowIndex(centroids, self.config, size_at_train, train_keys=keys, sq_params=sq_params)
+        index.add(keys, _slot_ids(np.arange(size, dtype=np.int64), count, self.capacity), self.capacity, count)
         index.added_since_train = added_since_train
         self._indexes[r] = index
 
@@ -423,14 +381,17 @@ class KNNMemory:
         Q = q.shape[1]
         ids = torch.full((R, Q, topk), -1, dtype=torch.long, device=self.device)  # (R, Q, k)
         sizes = self.sizes()
-        use_faiss = self._use_faiss()
-        faiss_rows = [r for r in range(R) if use_faiss and self._indexes[r] is not None]
-        exact_rows = [r for r in range(R) if r not in faiss_rows and sizes[r] > 0]
+        use_ivf = self._use_ivf()
+        ivf_rows = [r for r in range(R) if use_ivf and self._indexes[r] is not None]
+        exact_rows = [r for r in range(R) if r not in ivf_rows and sizes[r] > 0]
         if exact_rows:
             ids[exact_rows] = self._exact_search(q, exact_rows, topk)
-        for r in faiss_rows:
-            found = self._indexes[r].search(_to_numpy_f32(q[r]), topk)  # (Q, k)
-            ids[r] = torch.from_numpy(found).to(self.device)
+        for r in ivf_rows:
+            index = self._indexes[r]
+            found = torch.from_numpy(index.search(_to_numpy_f32(q[r]), topk, self._scan_keys(r, index)))  # (Q, k)
+            if index.returns_slots:
+                found = torch.where(found >= 0, torch.from_numpy(_slot_ids(found.numpy(), int(self.counts[r]), self.capacity)), -1)
+            ids[r] = found.to(self.device)
         # only ids a row holds now are valid (a defensive check: faiss never returns evicted ids)
         C = self.capacity
         counts = torch.as_tensor(self.counts, device=self.device)[:, None, None]  # (R, 1, 1)
@@ -442,13 +403,43 @@ class KNNMemory:
         slots = torch.where(mask, slots, 0)  # (R, Q, k)
         row_off = torch.arange(R, device=self.device)[:, None, None] * C
         flat = (slots + row_off).reshape(-1)
-        mk = self.keys.view(R * self.capacity, d).index_select(0, flat).view(R, *lead, topk, d)
-        mv = self.values.view(R * self.capacity, d).index_select(0, flat).view(R, *lead, topk, d)
+        buf_k, buf_v = self._result_buffers_for(flat.numel() * d)
+        mk = torch.index_select(self.keys.view(R * C, d), 0, flat, out=buf_k.view(-1, d)).view(R, *lead, topk, d)
+        mv = torch.index_select(self.values.view(R * C, d), 0, flat, out=buf_v.view(-1, d)).view(R, *lead, topk, d)
         mask = mask.view(R, *lead, topk)
-        if not bool(mask.all()):
-            mk.masked_fill_(~mask[..., None], 0)
-            mv.masked_fill_(~mask[..., None], 0)
+        if not bool(mask.all()):  # zero the missing hits (only those: a masked_fill over all is slower)
+            missing = (~mask).reshape(-1).nonzero().squeeze(1)
+            mk.view(-1, d).index_fill_(0, missing, 0)
+            mv.view(-1, d).index_fill_(0, missing, 0)
         return KNNSearchResult(keys=mk, values=mv, mask=mask, ids=ids.view(R, *lead, topk))
+
+    def _scan_keys(self, r: int, index: "_RowIndex") -> Optional[np.ndarray]:
+        """Row ``r``'s ring buffer as the list scan reads it (float32, or bfloat16 bits as uint16);
+        None for a faiss index, which holds its own copies."""
+        if not index.returns_slots:
+            return None
+        keys = self.keys[r].detach().cpu()
+        if keys.dtype == torch.bfloat16:
+            return keys.view(torch.int16).numpy().view(np.uint16)
+        return _to_numpy_f32(keys)  # float32: a view; float16: a widened copy
+
+    def _result_buffers_for(self, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (keys, values) pair of flat output buffers of ``numel`` elements that nothing else refers to.
+
+        Fresh tensors of this size cost page faults on every search; reusing a buffer is safe only when
+        no view of it is alive (a caller's result, or a tensor autograd saved for backward), which the
+        storage's use count tells: 1 for the buffer itself, plus 1 for the temporary storage handle.
+        """
+        def free(t: torch.Tensor) -> bool:
+            return torch._C._storage_Use_Count(t.untyped_storage()._cdata) <= 2
+
+        for pair in self._result_buffers:
+            if pair[0].numel() == numel and free(pair[0]) and free(pair[1]):
+                return pair
+        pair = (torch.empty(numel, dtype=self.keys.dtype, device=self.device),
+                torch.empty(numel, dtype=self.values.dtype, device=self.device))
+        self._result_buffers = [p for p in self._result_buffers if p[0].numel() == numel][-2:] + [pair]
+        return pair
 
     def _exact_search(self, q: torch.Tensor, rows: list[int], topk: int) -> torch.Tensor:
         """Brute force over the filled slots of ``rows``: returns ids (len(rows), Q, topk), -1 if none."""
@@ -480,7 +471,7 @@ class KNNMemory:
         # id stored in slot s: base + s in the current lap (s < count % C), base - C + s from the last lap
         base = torch.as_tensor(counts - counts % C, device=self.device)[:, None, None]  # (R', 1, 1)
         wrap = torch.as_tensor(counts % C, device=self.device)[:, None, None]
-        slot_ids = base + out_slots - C * (out_slots >= wrap)
+        slot_ids = base + out_slots - C * (out_slots >= wrap)  # as _slot_ids, on the device
         res = torch.where(out_valid, slot_ids, torch.full_like(slot_ids, -1))
         if k < topk:
             pad = torch.full((R_, Q, topk - k), -1, dtype=torch.long, device=self.device)
@@ -489,7 +480,7 @@ class KNNMemory:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors that fully describe the memory: the ring buffers, the counts and, for rows with a faiss
+        """Tensors that fully describe the memory: the ring buffers, the counts and, for rows with an IVF
         index, its centroids and training bookkeeping (the index itself is rebuilt from these, so a
         restored memory answers searches exactly as the saved one did)."""
         state = {"keys": self.keys, "values": self.values, "counts": torch.from_numpy(self.counts.copy())}
@@ -511,7 +502,7 @@ class KNNMemory:
         self.values.copy_(state["values"])
         self.counts = state["counts"].cpu().numpy().astype(np.int64).copy()
         self._indexes = [None] * self.num_rows
-        if self._use_faiss():
+        if self._use_ivf():
             for r in range(self.num_rows):
                 centroids = state.get(f"ivf.{r}.centroids")
                 sq = state.get(f"ivf.{r}.sq")
@@ -528,7 +519,7 @@ class KNNMemory:
         self.device = torch.device(device)
         self.keys = self.keys.to(self.device)
         self.values = self.values.to(self.device)
-        if not self._use_faiss():
+        if not self._use_ivf():
             self._indexes = [None] * self.num_rows
         else:
             self._maybe_build_indexes()

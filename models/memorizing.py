@@ -129,13 +129,13 @@ class MemorizingConfig:
     """Settings of the PKM blocks (see :class:`models.pkm.PKMConfig`)."""
 
     knn_backend: str = "auto"
-    """kNN search backend: ``"auto"``, ``"exact"`` or ``"faiss"`` (see :class:`KNNMemoryConfig`)."""
+    """kNN search backend: ``"auto"``, ``"exact"``, ``"ivf"`` or ``"faiss"`` (see :class:`KNNMemoryConfig`)."""
 
     knn_faiss_min_entries: int = 8192
-    """Rows with at least this many entries use faiss IVF-flat on CPU (``auto``/``faiss`` backends)."""
+    """Rows with at least this many entries use an IVF index on CPU (see :class:`KNNMemoryConfig`)."""
 
-    knn_nprobe: int = 8
-    """IVF lists probed per query on the faiss path."""
+    knn_nprobe: int = 4
+    """IVF lists probed per query on the IVF paths."""
 
     knn_ivf_codec: str = "flat"
     """IVF list storage on the faiss path: ``"flat"`` or ``"sq8"`` (see :class:`KNNMemoryConfig`)."""

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from models.knn_ivf import ListScanRowIndex
 from models.knn_memory import KNNMemory, KNNMemoryConfig
 
 
@@ -111,7 +112,7 @@ def test_query_leading_dims_are_kept():
     assert res.keys.shape == (2, 3, 5, 2, 4) and res.mask.shape == (2, 3, 5, 2)
 
 
-@pytest.mark.parametrize("backend", ["exact", "faiss"])
+@pytest.mark.parametrize("backend", ["exact", "ivf", "faiss"])
 def test_stored_key_finds_itself_after_ten_capacities(backend):
     """Keys added long ago are evicted; the newest keys are always findable, never a stale one."""
     torch.manual_seed(1)
@@ -165,9 +166,12 @@ def test_clear_empties_exactly_the_chosen_rows(how):
     assert torch.equal(res.keys[1, :, 0], new[1])
 
 
-@pytest.mark.parametrize("codec", ["flat", "sq8"])
-def test_faiss_recall_against_exact(codec):
-    """faiss IVF path vs exact search on clustered data, across eviction and a clear."""
+@pytest.mark.parametrize(
+    "backend,codec,storage",
+    [("ivf", "flat", "float32"), ("ivf", "flat", "bfloat16"), ("faiss", "flat", "float32"), ("faiss", "sq8", "float32")],
+)
+def test_ivf_recall_against_exact(backend, codec, storage):
+    """IVF paths vs exact search on clustered data, across eviction and a clear."""
     rng = torch.Generator().manual_seed(3)
     R, C, d, k = 2, 8192, 32, 16
     centers = torch.randn(64, d, generator=rng)
@@ -176,8 +180,8 @@ def test_faiss_recall_against_exact(codec):
         x = centers[torch.randint(0, 64, (R, n), generator=rng)] + 0.5 * torch.randn(R, n, d, generator=rng)
         return torch.nn.functional.normalize(x, dim=-1)
 
-    cfg = dict(dim=d, capacity=C, faiss_min_entries=2048, nprobe=8)
-    approx = KNNMemory(R, KNNMemoryConfig(backend="faiss", ivf_codec=codec, **cfg))
+    cfg = dict(dim=d, capacity=C, faiss_min_entries=2048, nprobe=8, storage_dtype=storage)
+    approx = KNNMemory(R, KNNMemoryConfig(backend=backend, ivf_codec=codec, **cfg))
     exact = KNNMemory(R, KNNMemoryConfig(backend="exact", **cfg))
     for step in range(12):  # 12 * 1024 = 1.5 capacities: eviction happens
         keys = sample(1024)
@@ -190,7 +194,7 @@ def test_faiss_recall_against_exact(codec):
     q = sample(512)
     a, e = approx.search(q, k), exact.search(q, k)
     assert a.mask.all()
-    # every faiss hit is a live entry with the right key and value
+    # every IVF hit is a live entry with the right key and value
     live_lo = torch.as_tensor(approx.counts - C).clamp(min=0)[:, None, None]
     assert ((a.ids >= live_lo) & (a.ids < torch.as_tensor(approx.counts)[:, None, None])).all()
     assert torch.equal(a.values, -a.keys)
@@ -208,7 +212,7 @@ def test_auto_backend_switches_on_size():
     mem.add(torch.randn(1, 100, 8), torch.randn(1, 100, 8))
     assert mem._indexes[0] is None
     mem.add(torch.randn(1, 100, 8), torch.randn(1, 100, 8))
-    assert mem._indexes[0] is not None
+    assert isinstance(mem._indexes[0], ListScanRowIndex)  # the numba list scan, not faiss' IVF
     mem.clear()
     assert mem._indexes[0] is None
 
@@ -228,10 +232,10 @@ def test_bfloat16_exact_and_storage_keep_recall():
     assert recall >= 0.9, recall
 
 
-@pytest.mark.parametrize("codec", ["flat", "sq8"])
-def test_state_dict_round_trip(codec):
+@pytest.mark.parametrize("backend,codec", [("ivf", "flat"), ("faiss", "flat"), ("faiss", "sq8")])
+def test_state_dict_round_trip(backend, codec):
     torch.manual_seed(5)
-    cfg = KNNMemoryConfig(dim=8, capacity=300, faiss_min_entries=100, ivf_codec=codec)
+    cfg = KNNMemoryConfig(dim=8, capacity=300, faiss_min_entries=100, backend=backend, ivf_codec=codec)
     mem = KNNMemory(2, cfg)
     for _ in range(5):
         x = torch.randn(2, 97, 8)
@@ -251,7 +255,7 @@ def test_state_dict_round_trip(codec):
 
 @pytest.mark.parametrize(
     "kw", [dict(dim=0), dict(capacity=0), dict(backend="hnsw"), dict(nprobe=0), dict(storage_dtype="int8"),
-           dict(retrain_growth=1.0), dict(ivf_codec="pq")]
+           dict(retrain_growth=1.0), dict(ivf_codec="pq"), dict(backend="ivf", ivf_codec="sq8")]
 )
 def test_config_validation(kw):
     with pytest.raises(ValueError):
@@ -267,3 +271,37 @@ def test_bad_inputs():
     with pytest.raises(ValueError):
         mem.clear([5])
 
+
+
+def test_search_results_survive_later_searches():
+    """Searches reuse their output buffers, but never one a caller still holds."""
+    torch.manual_seed(6)
+    mem = KNNMemory(2, KNNMemoryConfig(dim=8, capacity=64, backend="exact"))
+    x = torch.randn(2, 40, 8)
+    mem.add(x, x * 2)
+    first = mem.search(torch.randn(2, 5, 8), 4)
+    kept_keys, kept_values = first.keys.clone(), first.values.clone()
+    for _ in range(3):
+        mem.search(torch.randn(2, 5, 8), 4)
+    assert torch.equal(first.keys, kept_keys) and torch.equal(first.values, kept_values)
+    # once released, the buffer is reused (no fresh allocation per search)
+    ptr = first.keys.data_ptr()
+    del first
+    assert mem.search(torch.randn(2, 5, 8), 4).keys.data_ptr() == ptr
+
+
+def test_search_results_saved_for_backward_are_not_overwritten():
+    """Retrieved keys that autograd saved for backward stay intact through the next step's search."""
+    torch.manual_seed(7)
+    mem = KNNMemory(1, KNNMemoryConfig(dim=8, capacity=64, backend="exact"))
+    x = torch.randn(1, 40, 8)
+    mem.add(x, x)
+    q = torch.randn(1, 5, 8, requires_grad=True)
+    found = mem.search(q, 3)
+    expected_grad = found.keys.sum(-2).clone()  # d/dq of sum(q . k) over the 3 hits
+    loss = torch.einsum("rqd,rqkd->", q, found.keys)
+    del found  # only autograd holds the keys now
+    for _ in range(2):
+        mem.search(torch.randn(1, 5, 8), 3)
+    loss.backward()
+    assert torch.allclose(q.grad, expected_grad)
