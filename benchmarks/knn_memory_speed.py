@@ -11,10 +11,12 @@ The seed approach, re-implemented minimally: one ``faiss.IndexHNSWFlat(dim, 15, 
 per row (the seed's KNN class), ``add`` 512 keys per row and write the pairs into a float32
 ``np.memmap`` database (flushed after each add, as the seed does), ``search`` per row, then fetch the
 (key, value) pairs of the hits from the memmap.
-Ours: ``KNNMemory`` on its CPU path (faiss IVF per row for large rows, ring buffer in torch, FIFO
-eviction on every add since the memory is full), bfloat16 storage as the readme preset uses it:
-``ours`` with the default settings (IVF-flat lists, nprobe 8, at least 512 candidates per query), and
-``ours_nprobe2`` with 2 lists probed (128 candidates): the fastest setting that keeps recall@32 >= 0.9 here.
+Ours: ``KNNMemory`` on its CPU path (an IVF per row for large rows, ring buffer in torch, FIFO eviction
+on every add since the memory is full), bfloat16 storage as the readme preset uses it:
+``ours`` with the default settings (the numba list scan, 1,024 lists, nprobe 4, at least 256 candidates
+per query), ``ours_nprobe2`` with 2 lists probed (128 candidates), and ``ours_faiss``, the same settings
+as ``ours`` on a faiss ``IndexIVFFlat`` per row (``backend="faiss"``): what the list scan itself brings.
+``--nprobe``/``--min-candidates`` change ``ours`` and ``ours_faiss``.
 
 Data: cosine-normalised keys and queries drawn from a mixture of Gaussian clusters (attention keys are
 clustered; on uniform random vectors in 64 dimensions no index finds neighbours cheaply, the seed's HNSW
@@ -209,9 +211,9 @@ def main() -> None:
         "setting": {"rows": R, "entries_per_row": C, "dim": d, "queries_per_row": Qn, "topk": k,
                     "add_per_row": A, "repeats": args.repeats,
                     "data": f"unit vectors from a mixture of {args.clusters} Gaussian clusters, spread {args.spread}"},
-        "ours_path": f"faiss IndexIVFFlat per row, nlist {cfg.full_nlist}, nprobe {cfg.nprobe} (>= "
-                     f"{cfg.min_candidates} candidates; ours_nprobe2: nprobe 2, >= 128), torch ring "
-                     "buffer in bfloat16",
+        "ours_path": f"IVF per row, nlist {cfg.full_nlist}, nprobe {cfg.nprobe} (>= {cfg.min_candidates} "
+                     "candidates; ours_nprobe2: nprobe 2, >= 128), torch ring buffer in bfloat16; ours and "
+                     "ours_nprobe2: the numba list scan (backend 'ivf'), ours_faiss: faiss IndexIVFFlat",
         "seed_path": "faiss IndexHNSWFlat(M=15) per row + float32 np.memmap of pairs",
         "search_ms": {n: round(m["search"], 1) for n, m in med.items()},
         "add_512_per_row_ms": {n: round(m["add"], 2) for n, m in med.items()},

@@ -180,15 +180,32 @@ def scan_lists(queries: np.ndarray, keys: np.ndarray, offsets: np.ndarray,
             continue
         block = np.empty((n, d), dtype=np.float32)
         _load_list(keys, members, r, o0, o1, block)
-        block_t = np.ascontiguousarray(block.T)  # (d, n): the inner loop runs over entries, vectorised
-        for pp in range(p0, p1):
-            q = queries[r, pair_query[r, pp]]
-            sc = out[r, pair_start[r, pp]:pair_start[r, pp] + n]
-            sc[:] = 0.0
-            for e in range(d):
-                qe = q[e]
-                for j in range(n):
-                    sc[j] += qe * block_t[e, j]
+        # four queries per pass over the block: each loaded key vector feeds four dot products
+        pp = p0
+        while pp + 4 <= p1:
+            q0, q1 = queries[r, pair_query[r, pp]], queries[r, pair_query[r, pp + 1]]
+            q2, q3 = queries[r, pair_query[r, pp + 2]], queries[r, pair_query[r, pp + 3]]
+            s0, s1, s2, s3 = pair_start[r, pp], pair_start[r, pp + 1], pair_start[r, pp + 2], pair_start[r, pp + 3]
+            for j in range(n):
+                a0 = a1 = a2 = a3 = np.float32(0.0)
+                for e in range(d):
+                    b = block[j, e]
+                    a0 += q0[e] * b
+                    a1 += q1[e] * b
+                    a2 += q2[e] * b
+                    a3 += q3[e] * b
+                out[r, s0 + j] = a0
+                out[r, s1 + j] = a1
+                out[r, s2 + j] = a2
+                out[r, s3 + j] = a3
+            pp += 4
+        for pp in range(pp, p1):
+            q0, s0 = queries[r, pair_query[r, pp]], pair_start[r, pp]
+            for j in range(n):
+                a0 = np.float32(0.0)
+                for e in range(d):
+                    a0 += q0[e] * block[j, e]
+                out[r, s0 + j] = a0
     return out
 
 

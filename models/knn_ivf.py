@@ -19,6 +19,11 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
+# torch before faiss: then faiss' OpenMP calls resolve to the runtime torch loaded globally, and the two
+# libraries share one thread pool; with faiss loaded first each keeps its own pool, and alternating
+# torch and faiss calls ran 2x slower on 2 cores (their idle threads spin against each other).
+import torch  # noqa: F401  (import order only)
+
 try:  # faiss is optional: without it every search is exact
     import faiss  # type: ignore
 except ImportError:  # pragma: no cover - faiss-cpu is a project dependency
