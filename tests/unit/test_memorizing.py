@@ -158,7 +158,7 @@ def test_clearing_a_row_makes_it_start_afresh(when):
     assert not torch.allclose(got[1], fresh[1], atol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["exact", "faiss"])
+@pytest.mark.parametrize("backend", ["exact", "ivf", "faiss"])
 def test_state_dict_round_trip_gives_identical_logits(backend):
     kw = dict(knn_backend=backend, knn_faiss_min_entries=16, max_knn_memories=48)
     model = _model(**kw)
@@ -166,7 +166,7 @@ def test_state_dict_round_trip_gives_identical_logits(backend):
     memory = model.create_memory(2)
     with torch.no_grad():
         _stream(model, memory, segs[:4])  # 8 + 3*16 = 56 > 48 pairs: the memory has wrapped
-    if backend == "faiss":
+    if backend != "exact":
         assert memory.knn[0]._indexes[0] is not None
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "memory": memory.state_dict()}, buf)
@@ -187,7 +187,7 @@ def test_state_dict_round_trip_gives_identical_logits(backend):
     assert not torch.allclose(a[0], c, atol=1e-4)
 
 
-def test_bf16_autocast_and_faiss_backend_run():
+def test_bf16_autocast_and_ivf_backend_run():
     model = _model(knn_backend="auto", knn_faiss_min_entries=16, knn_storage_dtype="bfloat16")
     memory = model.create_memory(2)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
