@@ -429,16 +429,20 @@ class KNNMemory:
         Fresh tensors of this size cost page faults on every search; reusing a buffer is safe only when
         no view of it is alive (a caller's result, or a tensor autograd saved for backward), which the
         storage's use count tells: 1 for the buffer itself, plus 1 for the temporary storage handle.
+        At most two pairs are kept: in training, a step's search finds the previous step's pair free
+        (its backward is done), and one more covers a result that is still held.
         """
+        use_count = getattr(torch._C, "_storage_Use_Count", None)
+
         def free(t: torch.Tensor) -> bool:
-            return torch._C._storage_Use_Count(t.untyped_storage()._cdata) <= 2
+            return use_count is not None and use_count(t.untyped_storage()._cdata) <= 2
 
         for pair in self._result_buffers:
             if pair[0].numel() == numel and free(pair[0]) and free(pair[1]):
                 return pair
         pair = (torch.empty(numel, dtype=self.keys.dtype, device=self.device),
                 torch.empty(numel, dtype=self.values.dtype, device=self.device))
-        self._result_buffers = [p for p in self._result_buffers if p[0].numel() == numel][-2:] + [pair]
+        self._result_buffers = [p for p in self._result_buffers if p[0].numel() == numel][-1:] + [pair]
         return pair
 
     def _exact_search(self, q: torch.Tensor, rows: list[int], topk: int) -> torch.Tensor:
