@@ -16,7 +16,7 @@ on every add since the memory is full), bfloat16 storage as the readme preset us
 ``ours`` with the default settings (the numba list scan, 1,024 lists, nprobe 4, at least 256 candidates
 per query), ``ours_nprobe2`` with 2 lists probed (128 candidates), and ``ours_faiss``, the same settings
 as ``ours`` on a faiss ``IndexIVFFlat`` per row (``backend="faiss"``): what the list scan itself brings.
-``--nprobe``/``--min-candidates`` change ``ours`` and ``ours_faiss``.
+``--nprobe``/``--min-candidates``/``--nlist`` change ``ours`` and ``ours_faiss``.
 
 Data: cosine-normalised keys and queries drawn from a mixture of Gaussian clusters (attention keys are
 clustered; on uniform random vectors in 64 dimensions no index finds neighbours cheaply, the seed's HNSW
@@ -135,6 +135,7 @@ def main() -> None:
     ap.add_argument("--nprobe", type=int, default=None, help="override KNNMemoryConfig.nprobe for 'ours'")
     ap.add_argument("--min-candidates", type=int, default=None,
                     help="override KNNMemoryConfig.min_candidates for 'ours'")
+    ap.add_argument("--nlist", type=int, default=None, help="override KNNMemoryConfig.nlist for 'ours'")
     args = ap.parse_args()
     R, C, d, Qn, k, A = args.rows, args.capacity, args.dim, args.queries, args.topk, args.add
     rng = np.random.default_rng(0)
@@ -146,7 +147,7 @@ def main() -> None:
     keys_all, queries = data[:, : C + extra], np.ascontiguousarray(data[:, C + extra :])
     vals_all = rng.standard_normal((R, C + extra, d)).astype(np.float32)
 
-    cfg_kw = {"nprobe": args.nprobe, "min_candidates": args.min_candidates}
+    cfg_kw = {"nprobe": args.nprobe, "min_candidates": args.min_candidates, "nlist": args.nlist}
     cfg_kw = {name: v for name, v in cfg_kw.items() if v is not None}
     cfg = KNNMemoryConfig(dim=d, capacity=C, storage_dtype="bfloat16", **cfg_kw)
     tmp = tempfile.TemporaryDirectory()
