@@ -55,6 +55,7 @@ from pipelines.latest import (
 )
 from pipelines.manifest import read_manifest, write_manifest
 from pipelines.procstats import peak_rss_mb
+from pipelines.ray_session import bounded_as_completed
 from pipelines.storage import Location, open_location, remove_tree, write_bytes_atomic
 
 FLAT_MAX_VECTORS = 4096  # below this, exact search over everything costs less than training anything
@@ -202,13 +203,10 @@ def compute_recall_sample(out: Location, info: EmbeddingsInfo, bounds: DocBounds
             raw, filt = merge_topk(raw, r, m), merge_topk(filt, f, m)
         return RecallSample(ids, queries, lo, hi, raw, filt)
     refs = [ray.put(a) for a in (queries, ids, lo, hi)]
-    pending = [p.to_dict() for p in info.parts]
-    running: list = []
-    while pending or running:
-        while pending and len(running) < 2 * concurrency:
-            running.append(exact_part_task.remote(out.url, pending.pop(0), *refs, m, settings.metric))
-        done, running = ray.wait(running, num_returns=1)
-        r, f = ray.get(done[0])
+    parts = [p.to_dict() for p in info.parts]
+    for _, (r, f) in bounded_as_completed(
+        lambda part: exact_part_task.remote(out.url, part, *refs, m, settings.metric), parts, 2 * concurrency
+    ):
         raw, filt = merge_topk(raw, r, m), merge_topk(filt, f, m)
     return RecallSample(ids, queries, lo, hi, raw, filt)
 

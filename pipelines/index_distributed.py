@@ -27,6 +27,7 @@ import ray
 from pipelines.embeddings_io import EmbeddingPart, EmbeddingsInfo, NpyPart, part_rel, uniform_sample
 from pipelines.knn_core import ivf_of, use_blas_for_batches
 from pipelines.procstats import peak_rss_mb
+from pipelines.ray_session import bounded_as_completed
 from pipelines.latest import fetch_files, file_entry, file_is_valid, load_index_files, put_file
 from pipelines.storage import Location, exists, open_location, read_bytes, write_bytes_atomic
 
@@ -190,16 +191,12 @@ def build_distributed(out: Location, info: EmbeddingsInfo, folder: str, key: str
             pending.append(p)
     if len(entries):
         print(f"index: resuming, {len(entries)} of {len(parts)} shards kept", flush=True)
-    running: dict = {}
-    while pending or running:
-        while pending and len(running) < concurrency:
-            p = pending.pop(0)
-            ref = add_part_task.remote(out.url, p.to_dict(), key, info.dim, metric, trained_rel,
-                                       f"{build}/{names[p.index]}", is_ivf)
-            running[ref] = p
-        done, _ = ray.wait(list(running), num_returns=1)
-        p = running.pop(done[0])
-        e = ray.get(done[0])
+    def submit(p):
+        return add_part_task.remote(out.url, p.to_dict(), key, info.dim, metric, trained_rel,
+                                    f"{build}/{names[p.index]}", is_ivf)
+
+    for i, e in bounded_as_completed(submit, pending, concurrency):
+        p = pending[i]
         write_bytes_atomic(out, f"{build}/{names[p.index]}.json", json.dumps(e).encode())
         entries[p.index] = e
     ntotal = sum(int(entries[p.index]["ntotal"]) for p in parts)

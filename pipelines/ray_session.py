@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import ray
 
@@ -47,20 +47,28 @@ def cluster_cpus() -> int:
     return int(ray.cluster_resources().get("CPU", 1))
 
 
-def run_bounded(submit: Callable[[Any], "ray.ObjectRef"], items: list, limit: int, label: str) -> list:
-    """Results of ``submit(item)`` for every item, in order, with at most ``limit`` tasks in flight and a
-    progress line about every 10% of the items (``label: done/all units``)."""
-    results: list = [None] * len(items)
+def bounded_as_completed(submit: Callable[[Any], "ray.ObjectRef"], items: list, limit: int
+                         ) -> Iterator[tuple[int, Any]]:
+    """``(index, result)`` of ``submit(items[index])`` for every item, in the order the tasks finish, with at
+    most ``limit`` tasks in flight (so a driver merges results as they come without holding them all)."""
     pending: dict = {}
-    next_item, done, step = 0, 0, max(1, len(items) // 10)
-    while done < len(items):
+    next_item = 0
+    while next_item < len(items) or pending:
         while next_item < len(items) and len(pending) < max(1, limit):
             pending[submit(items[next_item])] = next_item
             next_item += 1
         ready, _ = ray.wait(list(pending), num_returns=1)
         for ref in ready:
-            results[pending.pop(ref)] = ray.get(ref)
-            done += 1
-            if done % step == 0 or done == len(items):
-                print(f"{label}: {done}/{len(items)} units", flush=True)
+            yield pending.pop(ref), ray.get(ref)
+
+
+def run_bounded(submit: Callable[[Any], "ray.ObjectRef"], items: list, limit: int, label: str) -> list:
+    """Results of ``submit(item)`` for every item, in order, with at most ``limit`` tasks in flight and a
+    progress line about every 10% of the items (``label: done/all units``)."""
+    results: list = [None] * len(items)
+    step = max(1, len(items) // 10)
+    for done, (index, result) in enumerate(bounded_as_completed(submit, items, limit), 1):
+        results[index] = result
+        if done % step == 0 or done == len(items):
+            print(f"{label}: {done}/{len(items)} units", flush=True)
     return results

@@ -15,6 +15,7 @@ from pipelines.embeddings_io import (
 )
 from pipelines.index import EXACT_BLOCK_ROWS, RecallSample
 from pipelines.knn_core import TIE_CANDIDATES, empty_topk, exact_block, merge_topk
+from pipelines.ray_session import bounded_as_completed
 from pipelines.storage import Location, open_location
 from pipelines.tombstones import Tombstones
 
@@ -69,12 +70,10 @@ def live_recall_sample(out: Location, info: EmbeddingsInfo, bounds: DocBounds, t
     m = k + TIE_CANDIDATES
     raw, filt = empty_topk(len(ids), m), empty_topk(len(ids), m)
     refs = [ray.put(a) for a in (queries, ids, lo, hi)]
-    pending = [p.to_dict() for p in info.parts if p.rows]
-    running: list = []
-    while pending or running:
-        while pending and len(running) < 2 * max(1, concurrency):
-            running.append(exact_live_part_task.remote(out.url, pending.pop(0), tomb.parts, *refs, m, metric))
-        done, running = ray.wait(running, num_returns=1)
-        r, f = ray.get(done[0])
+    parts = [p.to_dict() for p in info.parts if p.rows]
+    for _, (r, f) in bounded_as_completed(
+        lambda part: exact_live_part_task.remote(out.url, part, tomb.parts, *refs, m, metric), parts,
+        2 * max(1, concurrency),
+    ):
         raw, filt = merge_topk(raw, r, m), merge_topk(filt, f, m)
     return RecallSample(ids, queries, lo, hi, raw, filt)
