@@ -169,12 +169,13 @@ def scan_lists(queries: np.ndarray, keys: np.ndarray, offsets: np.ndarray,
                ) -> np.ndarray:
     """Score every (query, list) pair against all keys of the list, list by list.
 
-    ``queries`` (R, Q, d) float32; ``keys`` (R, C, d) float32 or uint16 (bfloat16 bits); ``offsets``/``members`` from :func:`build_lists`,
-    ``pair_offsets``/``pair_query`` from :func:`group_pairs`; ``pair_start`` (R, Q*P + 1) where each
-    pair's scores start in the output. Returns (R, max pair_start) float32 scores: pair ``pp`` of list
-    ``l`` holds the scores of the list's entries in member order at ``pair_start[r, pp]``.
+    ``queries`` (R, Q, d) float32; ``keys`` (R, C, d) float32 or uint16 (bfloat16 bits);
+    ``offsets``/``members`` from :func:`build_lists`; ``pair_offsets``/``pair_query`` from
+    :func:`group_pairs`; ``pair_start`` (R, Q*P + 1) where each pair's scores start in the output.
+    Returns (R, max pair_start) float32 scores: pair ``pp`` of list ``l`` holds the scores of the list's
+    entries in member order at ``pair_start[r, pp]``.
     """
-    R, Q, d = queries.shape
+    R, _, d = queries.shape
     nlist = offsets.shape[1] - 1
     total = 0
     for r in range(R):

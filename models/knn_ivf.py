@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover - faiss-cpu is a project dependency
 if TYPE_CHECKING:
     from models.knn_memory import KNNMemoryConfig
 
-__all__ = ["train_centroids", "FaissRowIndex", "ListScanRowIndex", "list_scan_available"]
+__all__ = ["train_centroids", "slot_entry_ids", "FaissRowIndex", "ListScanRowIndex", "list_scan_available"]
 
 
 def list_scan_available() -> bool:
@@ -64,6 +64,12 @@ def train_centroids(keys: np.ndarray, nlist: int, cfg: "KNNMemoryConfig", seed: 
     return faiss.vector_to_array(clustering.centroids).reshape(nlist, keys.shape[1])
 
 
+def slot_entry_ids(slots: np.ndarray, count: int, capacity: int) -> np.ndarray:
+    """Entry ids held in ring-buffer ``slots`` of a row that has seen ``count`` adds since its clear: the
+    largest id below ``count`` that maps to each slot (``id % capacity == slot``)."""
+    return count - 1 - ((count - 1 - slots) % capacity)
+
+
 def effective_nprobe(entries: int, nlist: int, cfg: "KNNMemoryConfig") -> int:
     """Lists to scan per query: ``nprobe``, raised so that at least ``min_candidates`` entries are scanned
     while lists are small, and at most ``nlist``."""
@@ -74,8 +80,9 @@ def effective_nprobe(entries: int, nlist: int, cfg: "KNNMemoryConfig") -> int:
 class _RowIndexBase:
     """What both row indexes keep: the coarse quantizer and the retraining bookkeeping."""
 
-    returns_slots = False
-    """True when :meth:`search` returns ring-buffer slots, False when it returns entry ids."""
+    reads_ring_buffer = False
+    """True when :meth:`search` scores the memory's own key buffer (passed in), False when the index holds
+    copies of the keys."""
 
     def __init__(self, centroids: np.ndarray, cfg: "KNNMemoryConfig", size_at_train: int) -> None:
         self.cfg = cfg
@@ -130,9 +137,9 @@ class FaissRowIndex(_RowIndexBase):
             self.index.add_with_ids(keys, ids.astype(np.int64))
             self.added_since_train += int(keys.shape[0])
 
-    def search(self, queries: np.ndarray, k: int, keys: np.ndarray) -> np.ndarray:
-        """(Q, k) entry ids of the best inner products, -1 where fewer were found (``keys`` is unused:
-        the index holds its own copies)."""
+    def search(self, queries: np.ndarray, k: int, keys: Optional[np.ndarray], count: int) -> np.ndarray:
+        """(Q, k) entry ids of the best inner products, -1 where fewer were found (``keys`` and ``count``
+        are unused: the index holds its own copies, with their ids)."""
         self.index.nprobe = effective_nprobe(self.index.ntotal, self.nlist, self.cfg)
         _, ids = self.index.search(queries, k)
         return ids
@@ -141,12 +148,11 @@ class FaissRowIndex(_RowIndexBase):
 class ListScanRowIndex(_RowIndexBase):
     """A row's IVF as a ``slot -> list`` map over the ring buffer, searched with the numba list scan."""
 
-    returns_slots = True
+    reads_ring_buffer = True
 
     def __init__(self, centroids: np.ndarray, cfg: "KNNMemoryConfig", size_at_train: int, capacity: int) -> None:
         super().__init__(centroids, cfg, size_at_train)
         self.assign = np.full((1, capacity), -1, dtype=np.int32)  # list of each slot, -1: empty
-        self.entries = 0
         self._lists: Optional[tuple[np.ndarray, np.ndarray]] = None  # CSR, rebuilt after changes
 
     def add(self, keys: np.ndarray, ids: np.ndarray, capacity: int, count_after: int) -> None:
@@ -156,15 +162,14 @@ class ListScanRowIndex(_RowIndexBase):
             return
         _, lists = self.quantizer.search(keys, 1)
         self.assign[0, ids % capacity] = lists[:, 0]
-        self.entries = min(count_after, capacity)
         self.added_since_train += int(keys.shape[0])
         self._lists = None
 
-    def search(self, queries: np.ndarray, k: int, keys: np.ndarray) -> np.ndarray:
-        """(Q, k) ring-buffer slots of the best inner products, -1 where fewer were found.
+    def search(self, queries: np.ndarray, k: int, keys: np.ndarray, count: int) -> np.ndarray:
+        """(Q, k) entry ids of the best inner products, -1 where fewer were found.
 
         ``queries`` (Q, d) float32; ``keys`` (C, d) the row's ring buffer as float32, or as uint16 holding
-        bfloat16 bits.
+        bfloat16 bits; ``count`` the row's adds since its clear (which names the entry in each slot).
         """
         from models import ivf_kernels
 
@@ -172,10 +177,11 @@ class ListScanRowIndex(_RowIndexBase):
         if self._lists is None:
             self._lists = ivf_kernels.build_lists(self.assign, self.nlist)
         offsets, members = self._lists
-        nprobe = effective_nprobe(self.entries, self.nlist, self.cfg)
+        capacity = self.assign.shape[1]
+        nprobe = effective_nprobe(min(count, capacity), self.nlist, self.cfg)
         _, probes = self.quantizer.search(queries, nprobe)  # (Q, nprobe)
         _, slots = ivf_kernels.ivf_search(queries[None], probes[None], offsets, members, keys[None], k)
-        return slots[0]
+        return np.where(slots[0] >= 0, slot_entry_ids(slots[0], count, capacity), -1)
 
 
 def _set_kernel_threads() -> None:

@@ -37,7 +37,14 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from models.knn_ivf import FaissRowIndex, ListScanRowIndex, faiss, list_scan_available, train_centroids
+from models.knn_ivf import (
+    FaissRowIndex,
+    ListScanRowIndex,
+    faiss,
+    list_scan_available,
+    slot_entry_ids,
+    train_centroids,
+)
 
 __all__ = ["KNNMemoryConfig", "KNNMemory", "KNNSearchResult"]
 
@@ -170,12 +177,6 @@ _RowIndex = Union[FaissRowIndex, ListScanRowIndex]
 
 def _to_numpy_f32(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.detach().to("cpu", torch.float32).numpy())
-
-
-def _slot_ids(slots: np.ndarray, count: int, capacity: int) -> np.ndarray:
-    """Entry ids held in ring-buffer ``slots`` of a row that has seen ``count`` adds since its clear: the
-    largest id below ``count`` that maps to each slot (``id % capacity == slot``)."""
-    return count - 1 - ((count - 1 - slots) % capacity)
 
 
 class KNNMemory:
@@ -359,7 +360,7 @@ class KNNMemory:
             index: _RowIndex = ListScanRowIndex(centroids, self.config, size_at_train, self.capacity)
         else:
             index = FaissRowIndex(centroids, self.config, size_at_train, train_keys=keys, sq_params=sq_params)
-        index.add(keys, _slot_ids(np.arange(size, dtype=np.int64), count, self.capacity), self.capacity, count)
+        index.add(keys, slot_entry_ids(np.arange(size, dtype=np.int64), count, self.capacity), self.capacity, count)
         index.added_since_train = added_since_train
         self._indexes[r] = index
 
@@ -388,10 +389,8 @@ class KNNMemory:
             ids[exact_rows] = self._exact_search(q, exact_rows, topk)
         for r in ivf_rows:
             index = self._indexes[r]
-            found = torch.from_numpy(index.search(_to_numpy_f32(q[r]), topk, self._scan_keys(r, index)))  # (Q, k)
-            if index.returns_slots:
-                found = torch.where(found >= 0, torch.from_numpy(_slot_ids(found.numpy(), int(self.counts[r]), self.capacity)), -1)
-            ids[r] = found.to(self.device)
+            found = index.search(_to_numpy_f32(q[r]), topk, self._scan_keys(r, index), int(self.counts[r]))  # (Q, k)
+            ids[r] = torch.from_numpy(found).to(self.device)
         # only ids a row holds now are valid (a defensive check: faiss never returns evicted ids)
         C = self.capacity
         counts = torch.as_tensor(self.counts, device=self.device)[:, None, None]  # (R, 1, 1)
@@ -416,7 +415,7 @@ class KNNMemory:
     def _scan_keys(self, r: int, index: "_RowIndex") -> Optional[np.ndarray]:
         """Row ``r``'s ring buffer as the list scan reads it (float32, or bfloat16 bits as uint16);
         None for a faiss index, which holds its own copies."""
-        if not index.returns_slots:
+        if not index.reads_ring_buffer:
             return None
         keys = self.keys[r].detach().cpu()
         if keys.dtype == torch.bfloat16:
@@ -475,7 +474,7 @@ class KNNMemory:
         # id stored in slot s: base + s in the current lap (s < count % C), base - C + s from the last lap
         base = torch.as_tensor(counts - counts % C, device=self.device)[:, None, None]  # (R', 1, 1)
         wrap = torch.as_tensor(counts % C, device=self.device)[:, None, None]
-        slot_ids = base + out_slots - C * (out_slots >= wrap)  # as _slot_ids, on the device
+        slot_ids = base + out_slots - C * (out_slots >= wrap)  # as slot_entry_ids, on the device
         res = torch.where(out_valid, slot_ids, torch.full_like(slot_ids, -1))
         if k < topk:
             pad = torch.full((R_, Q, topk - k), -1, dtype=torch.long, device=self.device)

@@ -676,11 +676,10 @@ def run_training(cfg: CommonTrainConfig, *, job: str, data: Location, out: Locat
     """The part of a training job after its checks: the corpus vocabulary when asked for (the model is then
     rebuilt by ``model_for(vocab size)``), Ray Train, one error line on failure, the closing summary.
     Returns the exit code."""
-    model, vocab = model_for(vocab_size), None
-    if cfg.vocab == "corpus":
-        vocab = corpus_vocab(data, out).tolist()
-        model = model_for(len(vocab))
+    vocab = corpus_vocab(data, out).tolist() if cfg.vocab == "corpus" else None
+    if vocab is not None:
         print(f"{job}: corpus vocabulary of {len(vocab)} of the tokenizer's {vocab_size} tokens", flush=True)
+    model = model_for(len(vocab) if vocab is not None else vocab_size)
     try:
         launch(cfg, job=job, task_class=task_class, config_class=config_class,
                task_extra={**task_extra, "model_config": model, "vocab_ids": vocab})
