@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo lint test bench clean
 
 setup: $(STAMP)
 
@@ -26,7 +26,12 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m jobs.generate --checkpoint artifacts/retro --data artifacts/demo \
 		--prompt "To be, or not to be, that is the question" --max-tokens 80
 
-test: $(STAMP)
+# The architecture and lint checks run first (seconds): a wrong-way import fails with the contract's name.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+test: lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
 clean:

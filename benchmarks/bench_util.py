@@ -16,8 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PREAMBLE = """
 import json, sys, time, ray
 sys.path.insert(0, {root!r})
-from pipelines.ray_session import init_ray
-from pipelines.storage import open_location
+from pipelines.runtime.ray_session import init_ray
+from pipelines.artifacts.storage import open_location
 init_ray(num_cpus={cpus})
 @ray.remote(num_cpus=1)
 def warm():

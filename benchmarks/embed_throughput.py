@@ -24,10 +24,10 @@ from benchmarks.bench_util import run_in_fresh_ray, write_result  # noqa: E402
 
 def make_chunks(out: str, n_chunks: int) -> None:
     """Tokenize enough Shakespeare to give at least ``n_chunks`` chunks, in ~8 parts."""
-    from jobs.build_index import bundled_corpus
-    from pipelines.ray_session import init_ray
-    from pipelines.storage import open_location
-    from pipelines.tokenize import run_tokenize
+    from pipelines.artifacts.storage import open_location
+    from pipelines.runtime.ray_session import init_ray
+    from pipelines.stages.build_config import bundled_corpus
+    from pipelines.stages.tokenize import run_tokenize
 
     corpus = os.path.join(out, "corpus")
     os.makedirs(corpus)
@@ -55,7 +55,7 @@ def seed_loop(tokens: np.ndarray, threads: int) -> tuple[float, np.ndarray]:
     import torch
     from transformers import AutoModel
 
-    from pipelines.tokenizer import default_encoder_path
+    from pipelines.text.tokenizer import default_encoder_path
 
     torch.set_num_threads(threads)
     model = AutoModel.from_pretrained(default_encoder_path()).eval()
@@ -74,14 +74,14 @@ def seed_loop(tokens: np.ndarray, threads: int) -> tuple[float, np.ndarray]:
 
 def ours(build: str, cpus: int, cpus_per_worker: int) -> dict:
     body = f"""
-from pipelines.embed import run_embed
+from pipelines.stages.embed import run_embed
 s = run_embed(out=open_location({build!r}), encoder="packaged:all-MiniLM-L6-v2", pooling="mean",
               embedding_dtype="float16", compute_dtype="auto", batch_size=256, concurrency={cpus // cpus_per_worker},
               cpus_per_worker={cpus_per_worker}, gpus_per_worker=0, allow_tokenizer_mismatch=False, config={{}})
 print("RESULT", json.dumps({{"chunks": s.embedded_now, "seconds": round(s.seconds, 2),
                             "chunks_per_s": round(s.embedded_now / s.seconds, 1)}}))
 """
-    return run_in_fresh_ray(body, cpus, "torch, transformers, pipelines.embed")
+    return run_in_fresh_ray(body, cpus, "torch, transformers, pipelines.stages.embed")
 
 
 def main() -> None:
@@ -92,8 +92,8 @@ def main() -> None:
     a = ap.parse_args()
     import shutil
 
-    from pipelines.embed import read_chunk_tokens
-    from pipelines.storage import open_location
+    from pipelines.artifacts.storage import open_location
+    from pipelines.stages.embed import read_chunk_tokens
 
     with tempfile.TemporaryDirectory() as d:
         make_chunks(d, a.chunks)

@@ -29,14 +29,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipelines.embeddings_io import DocBounds, gather_rows, load_embeddings_info, uniform_sample  # noqa: E402
-from pipelines.knn_core import TIE_CANDIDATES, empty_topk, merge_topk, recall_at_k  # noqa: E402
-from pipelines.storage import open_location  # noqa: E402
+from pipelines.artifacts.embeddings import DocBounds, gather_rows, load_embeddings_info, uniform_sample  # noqa: E402
+from pipelines.artifacts.storage import open_location  # noqa: E402
+from pipelines.search.knn import TIE_CANDIDATES, empty_topk, merge_topk, recall_at_k  # noqa: E402
 
 
 def exact_sample(out, info, bounds, sample_ids, k):
     """Exact filtered ground truth for the sample, computed here (not by the code under test)."""
-    from pipelines.index import exact_part
+    from pipelines.search.tuning import exact_part
 
     q = gather_rows(out, info, sample_ids)
     lo, hi = bounds.range_of(sample_ids)
@@ -84,8 +84,8 @@ def seed_path(out, info, bounds, k: int, extra: int, work: str) -> dict:
 
 
 def ours(out, k: int, extra: int) -> dict:
-    from pipelines.index import run_index
-    from pipelines.neighbors import run_neighbors
+    from pipelines.stages.index import run_index
+    from pipelines.stages.neighbors import run_neighbors
 
     t = time.perf_counter()
     s = run_index(out=out, k=k, extra_neighbors=extra)
@@ -111,7 +111,7 @@ def main() -> None:
     ap.add_argument("--num-cpus", type=int, default=2)
     args = ap.parse_args()
 
-    from pipelines.ray_session import init_ray
+    from pipelines.runtime.ray_session import init_ray
 
     tmp = tempfile.mkdtemp(prefix="bench-index-small-")
     try:
@@ -140,7 +140,7 @@ def main() -> None:
             shutil.copytree(src.path("embeddings"), f"{dst}/embeddings")
             shutil.copytree(src.path("docs"), f"{dst}/docs")
             r = ours(open_location(dst), args.k, args.extra)
-            from pipelines.latest import NeighborsReader
+            from pipelines.artifacts.versions import NeighborsReader
 
             found, _ = NeighborsReader(dst).lookup(sample)
             r["recall_at_k"] = round(recall_at_k(found, *gt, args.k), 4)

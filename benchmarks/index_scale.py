@@ -34,11 +34,11 @@ JSON_PATH = RESULTS / "index_scale.json"
 
 def run_size(n: int, *, dim: int, rows_per_part: int, index_key: str, max_index_memory: str, work: str,
              neighbor_rows: int) -> dict:
-    from pipelines.embeddings_io import load_embeddings_info
-    from pipelines.index import run_index
-    from pipelines.neighbors import run_neighbors, run_parts
-    from pipelines.procstats import peak_rss_mb
-    from pipelines.storage import open_location
+    from pipelines.artifacts.embeddings import load_embeddings_info
+    from pipelines.artifacts.storage import open_location
+    from pipelines.runtime.procstats import peak_rss_mb
+    from pipelines.stages.index import run_index
+    from pipelines.stages.neighbors import run_neighbors, run_parts
     from tests.helpers_embeddings import write_synthetic_build
 
     folder = os.path.join(work, f"n{n}")
@@ -121,7 +121,7 @@ def extrapolate(runs: list[dict], target: int = 10**9, dim: int = 384, node_memo
     per query). At 10^9 the automatic key is autofaiss' quantized one (IVF-Flat would need 1.5 TB);
     its per-query cost is modelled as OPQ rotation + HNSW coarse search + nprobe*(N/nlist) PQ codes
     at ``NS_PER_CODE`` per code, with the nprobe the largest run needed (the tuner decides at run time)."""
-    from pipelines.index import choose_index_key, train_size
+    from pipelines.search.faiss_index import choose_index_key, train_size
 
     big = max(runs, key=lambda r: r["n"])
     nlist, nprobe = _ivf_params(big)
@@ -293,7 +293,7 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
     if not args.report_only:
-        from pipelines.ray_session import init_ray
+        from pipelines.runtime.ray_session import init_ray
 
         work = args.work or tempfile.mkdtemp(prefix="bench-index-scale-")
         init_ray(num_cpus=2)

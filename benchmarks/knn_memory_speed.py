@@ -32,17 +32,17 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import tempfile
+import faiss
+import numpy as np
 
 # torch before faiss, as both the seed package and retroforge import them: with faiss imported first,
 # both the seed's and our searches ran 1.3-2x slower here (the two OpenMP runtimes, faiss' and torch's,
 # then fight over the 2 cores), which would measure an order no real caller uses.
 import torch  # noqa: I001
-import faiss
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

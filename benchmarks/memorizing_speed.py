@@ -45,8 +45,16 @@ from models.memorizing import MemorizingConfig, MemorizingTransformer  # noqa: E
 
 def byte_stream(rows: int, length: int) -> torch.Tensor:
     """(rows, length) bytes of real text (Python's standard library sources), one stretch per row."""
-    import argparse as m1, collections as m2, email.message as m3, json.decoder as m4, logging as m5
-    import pathlib as m6, subprocess as m7, typing as m8, unittest.case as m9, urllib.request as m10
+    import argparse as m1
+    import collections as m2
+    import email.message as m3
+    import json.decoder as m4
+    import logging as m5
+    import pathlib as m6
+    import subprocess as m7
+    import typing as m8
+    import unittest.case as m9
+    import urllib.request as m10
     text = "".join(inspect.getsource(m) for m in (m1, m2, m3, m4, m5, m6, m7, m8, m9, m10)).encode()
     need = rows * length
     text = (text * (need // len(text) + 1))[:need]

@@ -7,7 +7,7 @@ One local Ray instance (started before timing) serves every step, in-process, so
 the same start-up costs. First a full build of the corpus (every stage of jobs.build_index, which
 also warms Ray's workers up), then documents worth 1% of the corpus bytes are added (slices of
 plays not in it) and, timed on the same machine in the same run:
-- ``reindex``: ``pipelines.reindex.run_reindex`` on a copy of the published build (scan, tokenize
+- ``reindex``: ``pipelines.reindex.run.run_reindex`` on a copy of the published build (scan, tokenize
   and embed the new documents, index update, neighbors update, LATEST swap);
 - ``full_rebuild``: every stage of jobs.build_index on the changed corpus, into a fresh folder.
 The figure is ``ratio`` = reindex seconds / full rebuild seconds. Both use the same index key
@@ -32,9 +32,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def full_build(corpus: Path, out: Path, index_key: str, cpus: int) -> float:
-    from jobs.build_index import BuildConfig
-    from pipelines.build import STAGES
-    from pipelines.storage import open_location
+    from pipelines.artifacts.storage import open_location
+    from pipelines.stages.build import STAGES
+    from pipelines.stages.build_config import BuildConfig
 
     cfg = BuildConfig(corpus=[str(corpus)], out=str(out), index_key=index_key, concurrency=cpus)
     loc = open_location(str(out))
@@ -55,7 +55,7 @@ def main() -> None:
 
     import ray
 
-    from pipelines.ray_session import init_ray
+    from pipelines.runtime.ray_session import init_ray
 
     init_ray(num_cpus=args.cpus)
     runs = []
@@ -73,10 +73,10 @@ def main() -> None:
 
 
 def run_size(plays: int, kb: int, args) -> dict:
-    from jobs.build_index import bundled_corpus
-    from pipelines.manifest import read_manifest
-    from pipelines.reindex import run_reindex
-    from pipelines.storage import open_location
+    from pipelines.artifacts.manifest import read_manifest
+    from pipelines.artifacts.storage import open_location
+    from pipelines.reindex.run import run_reindex
+    from pipelines.stages.build_config import bundled_corpus
 
     texts = sorted(Path(bundled_corpus()).glob("*.txt"))
     work = Path(tempfile.mkdtemp(prefix="reindex-cost-"))

@@ -26,7 +26,7 @@ PAIRS = [("macbeth_gut.txt", "macbeth_gut_f.txt"), ("tempest_gut.txt", "tempest_
 
 
 def texts_dir() -> Path:
-    from jobs.build_index import bundled_corpus
+    from pipelines.stages.build_config import bundled_corpus
 
     return Path(bundled_corpus())
 
@@ -45,8 +45,8 @@ def build(work: Path, files: list[str], *, chunk_size: int, seq_len: int, stages
           unit_mb: float = 0.25) -> tuple[Path, float]:
     """(build folder, seconds) of a jobs.build_index build over ``files``; reused when complete. Small work
     units (``unit_mb``) give several parts, so both cores embed."""
-    from jobs.build_index import BuildConfig
-    from pipelines.build import run_build
+    from pipelines.stages.build import run_build
+    from pipelines.stages.build_config import BuildConfig
 
     out = work / f"build_c{chunk_size}_s{seq_len}_{len(files)}{'_' + stages.replace(',', '-') if stages else ''}"
     src = corpus(work, files, f"corpus_{len(files)}")
@@ -59,14 +59,14 @@ def build(work: Path, files: list[str], *, chunk_size: int, seq_len: int, stages
 
 
 def ray_up(num_cpus: int = 2) -> None:
-    from pipelines.ray_session import init_ray
+    from pipelines.runtime.ray_session import init_ray
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     init_ray(num_cpus=num_cpus)
 
 
 def metrics(out: Path) -> list[dict]:
-    from pipelines.train_common import read_metrics
+    from pipelines.train.metrics import read_metrics
 
     return read_metrics(str(out))
 

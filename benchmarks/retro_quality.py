@@ -28,8 +28,8 @@ def paired_gap(out: Path, samples_url: str, seed: int = 0) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from jobs.generate import load_retro
-    from pipelines.retro_data import RetroSamples, iter_batches
+    from pipelines.inference.generate import load_retro
+    from pipelines.train.retro import RetroSamples, iter_batches
 
     model, _, _, vocab = load_retro(str(out))
     model.eval()

@@ -1,6 +1,6 @@
 """Do 2 Ray Train workers learn like 1 at the same global batch? Train the same RETRO from the same seed on the
 same build twice: 1 worker with 2 CPU threads, then 2 DDP workers (gloo) with 1 thread each, the global batch
-fixed. The data order and the loss normalisation do not depend on the worker count (pipelines/train_common.py),
+fixed. The data order and the loss normalisation do not depend on the worker count (pipelines/train/common.py),
 so the curves should agree up to float rounding (bf16 autocast, different matmul shapes and all-reduce order).
 Writes benchmarks/results/retro_scaling.json and retro_scaling.png, with tokens/s of both.
 
@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from retro_bench_common import PAIRS, build, metrics, plot, ray_up, save
 from retro_quality import MODEL
 

@@ -22,7 +22,7 @@ from benchmarks.bench_util import run_in_fresh_ray, write_result  # noqa: E402
 
 
 def make_corpus(dest: str, copies: int) -> int:
-    from jobs.build_index import bundled_corpus
+    from pipelines.stages.build_config import bundled_corpus
 
     for i in range(copies):
         shutil.copytree(bundled_corpus(), os.path.join(dest, f"copy{i}"))
@@ -35,7 +35,7 @@ def seed_baseline(corpus: str, chunk_size: int = 64) -> dict:
     import torch.nn.functional as F
     from transformers import AutoTokenizer
 
-    from pipelines.tokenizer import default_encoder_path
+    from pipelines.text.tokenizer import default_encoder_path
 
     tok = AutoTokenizer.from_pretrained(default_encoder_path())
     tok.model_max_length = 10**9  # the seed ran without truncation; silence the 512 warning
@@ -59,13 +59,13 @@ def ours(corpus: str, cpus: int) -> dict:
     """Run the stage in a fresh process with a local Ray instance of ``cpus`` CPUs."""
     body = f"""
 import tempfile
-from pipelines.tokenize import run_tokenize
+from pipelines.stages.tokenize import run_tokenize
 out = open_location(tempfile.mkdtemp(prefix="rf-bench-"))
 s = run_tokenize(corpus=[{corpus!r}], out=out, chunk_size=64, seq_len=2048, text_field="text",
                  tokenizer="packaged:all-MiniLM-L6-v2", unit_bytes=0, concurrency={cpus}, config={{}})
 print("RESULT", json.dumps({{"chunks": s.chunks, "seconds": round(s.seconds, 2), "chunks_per_s": round(s.chunks / s.seconds)}}))
 """
-    return run_in_fresh_ray(body, cpus, "pipelines.tokenize, pipelines.tokenizer")
+    return run_in_fresh_ray(body, cpus, "pipelines.stages.tokenize, pipelines.text.tokenizer")
 
 
 def main() -> None:

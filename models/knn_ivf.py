@@ -15,7 +15,7 @@ Two implementations share the trained coarse quantizer (faiss k-means on the row
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -29,8 +29,7 @@ try:  # faiss is optional: without it every search is exact
 except ImportError:  # pragma: no cover - faiss-cpu is a project dependency
     faiss = None
 
-if TYPE_CHECKING:
-    from models.knn_memory import KNNMemoryConfig
+from models.knn_config import KNNMemoryConfig
 
 __all__ = ["train_centroids", "slot_entry_ids", "FaissRowIndex", "ListScanRowIndex", "list_scan_available"]
 
@@ -46,7 +45,7 @@ def list_scan_available() -> bool:
     return True
 
 
-def train_centroids(keys: np.ndarray, nlist: int, cfg: "KNNMemoryConfig", seed: int) -> np.ndarray:
+def train_centroids(keys: np.ndarray, nlist: int, cfg: KNNMemoryConfig, seed: int) -> np.ndarray:
     """(nlist, d) k-means centroids (inner-product assignment) of a sample of ``keys`` (n, d) float32:
     at most ``train_points_per_list`` points per list, ``train_iters`` iterations."""
     n = keys.shape[0]
@@ -70,7 +69,7 @@ def slot_entry_ids(slots: np.ndarray, count: int, capacity: int) -> np.ndarray:
     return count - 1 - ((count - 1 - slots) % capacity)
 
 
-def effective_nprobe(entries: int, nlist: int, cfg: "KNNMemoryConfig") -> int:
+def effective_nprobe(entries: int, nlist: int, cfg: KNNMemoryConfig) -> int:
     """Lists to scan per query: ``nprobe``, raised so that at least ``min_candidates`` entries are scanned
     while lists are small, and at most ``nlist``."""
     mean_list = max(1.0, entries / nlist)
@@ -84,7 +83,7 @@ class _RowIndexBase:
     """True when :meth:`search` scores the memory's own key buffer (passed in), False when the index holds
     copies of the keys."""
 
-    def __init__(self, centroids: np.ndarray, cfg: "KNNMemoryConfig", size_at_train: int) -> None:
+    def __init__(self, centroids: np.ndarray, cfg: KNNMemoryConfig, size_at_train: int) -> None:
         self.cfg = cfg
         self.nlist = int(centroids.shape[0])
         self.quantizer = faiss.IndexFlatIP(int(centroids.shape[1]))
@@ -104,7 +103,7 @@ class _RowIndexBase:
 class FaissRowIndex(_RowIndexBase):
     """One faiss IVF index mirroring one row's live entries (ids = entry ids since the row's clear)."""
 
-    def __init__(self, centroids: np.ndarray, cfg: "KNNMemoryConfig", size_at_train: int,
+    def __init__(self, centroids: np.ndarray, cfg: KNNMemoryConfig, size_at_train: int,
                  train_keys: Optional[np.ndarray] = None, sq_params: Optional[np.ndarray] = None) -> None:
         """An IVF over the given ``centroids``; the sq8 codec also needs ``sq_params`` or ``train_keys``
         to train its ranges on (the coarse quantizer is never retrained here)."""
@@ -150,7 +149,7 @@ class ListScanRowIndex(_RowIndexBase):
 
     reads_ring_buffer = True
 
-    def __init__(self, centroids: np.ndarray, cfg: "KNNMemoryConfig", size_at_train: int, capacity: int) -> None:
+    def __init__(self, centroids: np.ndarray, cfg: KNNMemoryConfig, size_at_train: int, capacity: int) -> None:
         super().__init__(centroids, cfg, size_at_train)
         self.assign = np.full((1, capacity), -1, dtype=np.int32)  # list of each slot, -1: empty
         self._lists: Optional[tuple[np.ndarray, np.ndarray]] = None  # CSR, rebuilt after changes
@@ -187,7 +186,6 @@ class ListScanRowIndex(_RowIndexBase):
 def _set_kernel_threads() -> None:
     """Run the numba kernels on as many threads as torch uses (at most numba's pool size)."""
     import numba
-    import torch
 
     want = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     if numba.get_num_threads() != want:

@@ -196,7 +196,7 @@ class MemorizingConfig:
         return tuple(sorted(self.xl_memory_layers)) if self.xl_max_memories > 0 else ()
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "MemorizingConfig":
+    def preset(cls, name: str, **overrides: Any) -> MemorizingConfig:
         """``"tiny"`` (unit tests) or ``"readme"`` (the seed README's model on bytes), plus overrides."""
         if name == "readme":
             base = cls(

@@ -151,7 +151,7 @@ class RetroConfig:
     pkm_layers: tuple[int, ...] = ()
     """1-based decoder layers whose feed-forward block is replaced by a product-key memory."""
 
-    pkm: Optional["PKMConfig"] = None
+    pkm: Optional[PKMConfig] = None
     """Product-key memory settings: a models.pkm.PKMConfig or a dict of its fields (from TOML); None means
     PKMConfig() when pkm_layers is set."""
 
@@ -490,7 +490,7 @@ class ChunkedCrossAttention(nn.Module):
         self.chunk_size = chunk_size
         self.attn = CrossAttention(dim, dim, heads, dim_head, dropout=dropout, null_kv=True, impl=impl)
 
-    def forward(self, x: torch.Tensor, neighbors: "EncodedNeighbors") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, neighbors: EncodedNeighbors) -> torch.Tensor:
         # x: (b, n, dim) -> (b, n, dim); zero where a token has no completed chunk to read from
         b, n, dim = x.shape
         c, R = self.chunk_size, neighbors.num_chunks

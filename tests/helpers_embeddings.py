@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from pipelines.manifest import part_name, write_manifest
-from pipelines.parquet_io import write_table
-from pipelines.storage import Location, open_location, sha256_bytes, write_bytes_atomic
+from pipelines.artifacts.manifest import part_name, write_manifest
+from pipelines.artifacts.parquet import write_table
+from pipelines.artifacts.storage import Location, open_location, sha256_bytes, write_bytes_atomic
 
 CHUNKS_SCHEMA = pa.schema([("chunk_id", pa.int64()), ("doc_id", pa.int64()), ("tokens", pa.list_(pa.int32()))])
 DOCS_SCHEMA = pa.schema([("doc_id", pa.int64()), ("source", pa.string()), ("sha256", pa.string()),

@@ -1,0 +1,299 @@
+"""Published versions: ``index/vNNNN/``, ``neighbors/vNNNN/`` and the ``LATEST`` pointer (docs/design.md).
+
+A version is complete when its ``_manifest.json`` exists; it is never modified afterwards, so
+readers can use any complete version while a new one is being built. ``LATEST`` is replaced last
+and atomically, and names only complete versions. Readers (the RETRO training job, the re-index
+job) go through :func:`resolve_latest`, :func:`open_index` and :class:`NeighborsReader`.
+
+A version folder holds a ``_fingerprint.json`` from the moment it is started: a rerun with the
+same inputs and settings resumes that folder instead of starting another one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+
+import numpy as np
+
+from pipelines.artifacts.manifest import MANIFEST_NAME, read_manifest
+from pipelines.artifacts.parquet import read_table
+from pipelines.artifacts.storage import Location, exists, open_location, read_bytes, remove_tree, write_bytes_atomic
+
+LATEST = "LATEST"
+FINGERPRINT = "_fingerprint.json"
+_VERSION = re.compile(r"^v(\d{4,})$")
+
+
+# ----------------------------------------------------------------------------- versions
+
+
+def list_versions(out: Location, kind: str) -> list[str]:
+    """Version folder names under ``kind`` (complete or not), oldest first."""
+    d = out.path(kind)
+    if not out.fs.exists(d):
+        return []
+    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in out.fs.ls(d, detail=False)]
+    return sorted((n for n in names if _VERSION.match(n)), key=lambda n: int(n[1:]))
+
+
+def is_complete(out: Location, kind: str, version: str) -> bool:
+    return exists(out, f"{kind}/{version}/{MANIFEST_NAME}")
+
+
+def complete_versions(out: Location, kind: str) -> list[str]:
+    return [v for v in list_versions(out, kind) if is_complete(out, kind, v)]
+
+
+def version_fingerprint(out: Location, kind: str, version: str) -> str | None:
+    m = read_manifest(out, f"{kind}/{version}")
+    if m is not None:
+        return m.get("fingerprint")
+    rel = f"{kind}/{version}/{FINGERPRINT}"
+    return json.loads(read_bytes(out, rel))["fingerprint"] if exists(out, rel) else None
+
+
+def find_complete(out: Location, kind: str, fingerprint: str) -> str | None:
+    """The newest complete version built from exactly these inputs and settings."""
+    for v in reversed(complete_versions(out, kind)):
+        if version_fingerprint(out, kind, v) == fingerprint:
+            return v
+    return None
+
+
+def start_version(out: Location, kind: str, fingerprint: str) -> tuple[str, bool]:
+    """The folder to build into: an unfinished one with the same fingerprint (resume), else a new
+    number. Unfinished folders of other builds are removed (one writer per ``--out``); complete
+    versions are never touched."""
+    resumed = None
+    for v in list_versions(out, kind):
+        if is_complete(out, kind, v):
+            continue
+        if resumed is None and version_fingerprint(out, kind, v) == fingerprint:
+            resumed = v
+        else:
+            remove_tree(out, f"{kind}/{v}")
+    if resumed:
+        return resumed, True
+    versions = list_versions(out, kind)
+    new = f"v{(int(versions[-1][1:]) + 1) if versions else 1:04d}"
+    write_bytes_atomic(out, f"{kind}/{new}/{FINGERPRINT}", json.dumps({"fingerprint": fingerprint}).encode())
+    return new, False
+
+
+def fingerprint_of(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def file_sha256(out: Location, rel: str, block: int = 16 << 20) -> str:
+    """sha256 of a (possibly large) file without holding it in memory."""
+    h = hashlib.sha256()
+    with out.fs.open(out.path(rel), "rb") as f:
+        while data := f.read(block):
+            h.update(data)
+    return h.hexdigest()
+
+
+def file_entry(out: Location, rel: str, name: str, **extra) -> dict:
+    return {"path": name, "bytes": int(out.fs.size(out.path(rel))), "sha256": file_sha256(out, rel), **extra}
+
+
+def file_is_valid(out: Location, folder: str, entry: dict) -> bool:
+    rel = f"{folder}/{entry['path']}"
+    try:
+        return out.fs.size(out.path(rel)) == entry["bytes"] and file_sha256(out, rel) == entry["sha256"]
+    except FileNotFoundError:
+        return False
+
+
+def put_file(out: Location, rel: str, local_path: str, *, move: bool = False) -> None:
+    """Commit a local file at ``rel``: a rename on a local ``--out``, one upload on object storage."""
+    final = out.path(rel)
+    if out.is_local:
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        tmp = f"{final}.tmp-{uuid.uuid4().hex}"
+        if move:
+            shutil.move(local_path, tmp)
+        else:
+            shutil.copyfile(local_path, tmp)
+        os.replace(tmp, final)
+    else:
+        out.fs.put_file(local_path, final)
+
+
+# ----------------------------------------------------------------------------- LATEST
+
+
+def write_latest(out: Location, record: dict) -> None:
+    write_bytes_atomic(out, LATEST, json.dumps(record, indent=2, sort_keys=True).encode())
+
+
+def resolve_latest(out: Location | str) -> dict:
+    """The published record: ``{"index": "vNNNN", "neighbors": "vNNNN", "k": ..., ...}``."""
+    out = open_location(out) if isinstance(out, str) else out
+    if not exists(out, LATEST):
+        raise FileNotFoundError(f"{out.url_of(LATEST)} does not exist: no index has been published yet "
+                                "(run the index and neighbors stages)")
+    return json.loads(read_bytes(out, LATEST))
+
+
+def latest_record(*, index_version: str, neighbors_version: str, index_manifest: dict, k: int) -> dict:
+    return {
+        "format": 1,
+        "index": index_version,
+        "neighbors": neighbors_version,
+        "index_key": index_manifest["index_key"],
+        "metric": index_manifest["metric"],
+        "chunks": index_manifest["totals"]["chunks"],
+        "k": k,
+        "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+# ----------------------------------------------------------------------------- opening an index
+
+
+def _require_complete(out: Location, kind: str, version: str) -> dict:
+    m = read_manifest(out, f"{kind}/{version}")
+    if m is None:
+        raise FileNotFoundError(f"{out.url_of(kind, version)} is not a complete {kind} version (no manifest)")
+    return m
+
+
+def fetch_files(out: Location, folder: str, entries: list[dict], cache_dir: str | None = None) -> str:
+    """A local folder holding ``entries`` of ``folder``: the folder itself on a local ``--out``, else
+    a download into ``cache_dir`` (checked against sha256 when the entry has one). Published files
+    are immutable, so a cached copy never goes stale."""
+    if out.is_local:
+        return out.path(folder)
+    key = hashlib.sha256(out.url_of(folder).encode()).hexdigest()[:24]
+    base = os.path.join(cache_dir or os.path.join(tempfile.gettempdir(), "retroforge-index-cache"), key)
+    for e in entries:
+        dst = os.path.join(base, e["path"])
+        if os.path.exists(dst) and ("bytes" not in e or os.path.getsize(dst) == e["bytes"]):
+            continue
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        tmp = f"{dst}.tmp-{uuid.uuid4().hex}"
+        out.fs.get_file(out.path(f"{folder}/{e['path']}"), tmp)
+        if "sha256" in e:
+            h = hashlib.sha256()
+            with open(tmp, "rb") as f:
+                while data := f.read(16 << 20):
+                    h.update(data)
+            if h.hexdigest() != e["sha256"]:
+                os.remove(tmp)
+                raise IOError(f"{out.url_of(folder, e['path'])}: checksum mismatch on download")
+        os.replace(tmp, dst)
+    return base
+
+
+def read_faiss(path: str, mmap: bool, ondisk: bool = False):
+    """Read one faiss file, memory-mapped where the index type allows (IVF lists, flat codes).
+    An ``ondisk`` index maps its ``.ivfdata`` by itself (found beside the index file); adding
+    IO_FLAG_MMAP to it gives a broken index, so it is read without."""
+    import faiss
+
+    if ondisk:
+        return faiss.read_index(path, faiss.IO_FLAG_READ_ONLY | faiss.IO_FLAG_ONDISK_SAME_DIR)
+    flags = faiss.IO_FLAG_READ_ONLY
+    if mmap:
+        for extra in (faiss.IO_FLAG_MMAP | faiss.IO_FLAG_MMAP_IFC, faiss.IO_FLAG_MMAP, faiss.IO_FLAG_MMAP_IFC):
+            try:
+                return faiss.read_index(path, flags | extra)
+            except RuntimeError:
+                continue
+    return faiss.read_index(path, flags)
+
+
+def load_index_files(folder: str, layout: str, files: list[str], dim: int, index_param: str = "", *, mmap: bool = True):
+    """Assemble an index from local files: one file (``single``, ``ondisk``: IVF lists in
+    ``knn.ivfdata`` beside it) or ``shards`` searched together with successive ids."""
+    import faiss
+
+    if layout == "shards":
+        shards = [read_faiss(os.path.join(folder, f), mmap) for f in files]
+        index = faiss.IndexShards(dim, False, True)  # the python wrapper keeps the shards alive
+        index.metric_type = shards[0].metric_type
+        for s in shards:
+            index.add_shard(s)
+    else:
+        index = read_faiss(os.path.join(folder, files[0]), mmap, ondisk=layout == "ondisk")
+    if index_param:
+        faiss.ParameterSpace().set_index_parameters(index, index_param)
+    return index
+
+
+def open_index(out: Location | str, version: str | None = None, *, mmap: bool = True, cache_dir: str | None = None):
+    """The faiss index of ``version`` (default: the one LATEST names) with its tuned search
+    parameters applied; memory-mapped where possible, so workers on one node share the pages."""
+    out = open_location(out) if isinstance(out, str) else out
+    version = version or resolve_latest(out)["index"]
+    m = _require_complete(out, "index", version)
+    files = set(m["index_files"]) | ({"knn.ivfdata"} if m["layout"] == "ondisk" else set())
+    folder = fetch_files(out, f"index/{version}", [e for e in m["parts"] if e["path"] in files], cache_dir)
+    return load_index_files(folder, m["layout"], m["index_files"], m["totals"]["dim"], m.get("index_param", ""), mmap=mmap)
+
+
+def index_infos(out: Location | str, version: str | None = None) -> dict:
+    out = open_location(out) if isinstance(out, str) else out
+    version = version or resolve_latest(out)["index"]
+    _require_complete(out, "index", version)
+    return json.loads(read_bytes(out, f"index/{version}/index_infos.json"))
+
+
+# ----------------------------------------------------------------------------- reading neighbors
+
+
+class NeighborsReader:
+    """Neighbors of any chunk id from a complete neighbors version; parts load lazily, a few at a time."""
+
+    def __init__(self, out: Location | str, version: str | None = None, cache_parts: int = 8):
+        self.out = open_location(out) if isinstance(out, str) else out
+        self.version = version or resolve_latest(self.out)["neighbors"]
+        self.folder = f"neighbors/{self.version}"
+        self.manifest = _require_complete(self.out, "neighbors", self.version)
+        self.k = int(self.manifest["totals"]["k"])
+        self.parts = self.manifest["parts"]
+        self._first = np.asarray([p["first_chunk_id"] for p in self.parts], dtype=np.int64)
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._cache_parts = cache_parts
+
+    def __len__(self) -> int:
+        return int(self.manifest["totals"]["rows"])
+
+    def read_part(self, i: int):
+        return read_table(self.out, f"{self.folder}/{self.parts[i]['path']}")
+
+    def _part_arrays(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        if i not in self._cache:
+            if len(self._cache) >= self._cache_parts:
+                self._cache.pop(next(iter(self._cache)))
+            t = self.read_part(i)
+            n = t.num_rows
+            nb = t.column("neighbors").combine_chunks().flatten().to_numpy().reshape(n, self.k)
+            ds = t.column("distances").combine_chunks().flatten().to_numpy().reshape(n, self.k)
+            self._cache[i] = (nb, ds)
+        return self._cache[i]
+
+    def lookup(self, chunk_ids) -> tuple[np.ndarray, np.ndarray]:
+        """(neighbors int64 (n, k) with -1 pads, distances float32 (n, k)) for the given chunk ids."""
+        ids = np.asarray(chunk_ids, dtype=np.int64).reshape(-1)
+        if len(ids) and (ids.min() < 0 or ids.max() >= len(self)):
+            raise IndexError(f"chunk ids must be in [0, {len(self)})")
+        nb = np.empty((len(ids), self.k), np.int64)
+        ds = np.empty((len(ids), self.k), np.float32)
+        owner = np.searchsorted(self._first, ids, side="right") - 1
+        for p in np.unique(owner).tolist():
+            sel = owner == p
+            a, b = self._part_arrays(p)
+            local = ids[sel] - self._first[p]
+            nb[sel], ds[sel] = a[local], b[local]
+        return nb, ds

@@ -1,0 +1,82 @@
+"""Runs the stages of a build in order, with checks before any work and a summary after each."""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from pipelines.artifacts.storage import Location, check_writable, open_location
+from pipelines.runtime.config import config_to_dict
+from pipelines.runtime.ray_session import cluster_cpus, init_ray
+from pipelines.stages.build_config import DEMO_OUT, BuildConfig, bundled_corpus
+
+
+def _tokenize(cfg: BuildConfig, out: Location, corpus: list[str], concurrency: int):
+    from pipelines.stages.tokenize import run_tokenize
+
+    return run_tokenize(corpus=corpus, out=out, chunk_size=cfg.chunk_size, seq_len=cfg.seq_len,
+                        text_field=cfg.text_field, tokenizer=cfg.tokenizer, unit_bytes=int(cfg.unit_mb * (1 << 20)),
+                        concurrency=concurrency, config={**config_to_dict(cfg), "corpus": corpus})
+
+
+def _embed(cfg: BuildConfig, out: Location, corpus: list[str], concurrency: int):
+    from pipelines.stages.embed import run_embed
+
+    workers = concurrency if cfg.gpus_per_worker == 0 else max(1, int(concurrency))
+    return run_embed(out=out, encoder=cfg.encoder, pooling=cfg.pooling, embedding_dtype=cfg.embedding_dtype,
+                     compute_dtype=cfg.compute_dtype, batch_size=cfg.embed_batch_size,
+                     concurrency=max(1, int(workers // cfg.cpus_per_worker)) if cfg.gpus_per_worker == 0 else workers,
+                     cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=cfg.gpus_per_worker,
+                     allow_tokenizer_mismatch=cfg.allow_tokenizer_mismatch, config=config_to_dict(cfg))
+
+
+def _index(cfg: BuildConfig, out: Location, corpus: list[str], concurrency: int):
+    from pipelines.stages.index import run_index
+
+    return run_index(out=out, index_key=cfg.index_key, max_index_memory=cfg.max_index_memory,
+                     max_query_ms=cfg.max_query_ms, metric=cfg.metric, single_node_max_vectors=cfg.single_node_max_vectors,
+                     distributed=cfg.distributed, k=cfg.k, extra_neighbors=cfg.extra_neighbors,
+                     concurrency=concurrency, config=config_to_dict(cfg))
+
+
+def _neighbors(cfg: BuildConfig, out: Location, corpus: list[str], concurrency: int):
+    from pipelines.stages.neighbors import run_neighbors
+
+    return run_neighbors(out=out, k=cfg.k, extra_neighbors=cfg.extra_neighbors, concurrency=concurrency,
+                         config=config_to_dict(cfg))
+
+
+STAGES: dict[str, Callable] = {"tokenize": _tokenize, "embed": _embed, "index": _index, "neighbors": _neighbors}
+
+
+def run_build(cfg: BuildConfig) -> int:
+    """Run the chosen stages of a build in order, printing each stage's summary.
+
+    Args:
+        cfg: the build's options (``python -m jobs.build_index --help``).
+
+    Returns:
+        The process exit code: 0, or 1 when more input was quarantined than ``--max-bad-fraction`` allows.
+    """
+
+    corpus = cfg.corpus or [bundled_corpus()]
+    out = open_location(cfg.out or DEMO_OUT)
+    check_writable(out)
+    stages = cfg.stage_list
+    if "tokenize" in stages:
+        from pipelines.text.corpus import list_corpus
+
+        list_corpus(corpus, exclude_root=out.root if out.is_local else None)  # a missing corpus fails here, before Ray starts
+    init_ray(cfg.ray_address or None, cfg.num_cpus or None)
+    concurrency = cfg.concurrency or cluster_cpus()
+    code = 0
+    for name in stages:
+        summary = STAGES[name](cfg, out, corpus, concurrency)
+        for line in summary.lines():
+            print(line, flush=True)
+        if name == "tokenize" and summary.bad_fraction > cfg.max_bad_fraction:
+            print(f"error: {summary.quarantined} of {summary.documents_read} documents quarantined "
+                  f"({summary.bad_fraction:.1%} > --max-bad-fraction {cfg.max_bad_fraction:.1%}); "
+                  f"see {out.url_of('quarantine')}", file=sys.stderr)
+            code = 1
+    print(f"build: artifacts in {out.url}", flush=True)
+    return code

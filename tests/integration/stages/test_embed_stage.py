@@ -1,0 +1,179 @@
+"""The embed stage on a real local Ray instance with the real packaged encoder."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipelines.artifacts.manifest import read_manifest
+from pipelines.artifacts.storage import open_location
+from pipelines.stages.embed import read_chunk_tokens, run_embed
+from pipelines.stages.tokenize import run_tokenize
+from pipelines.text.tokenizer import default_encoder_path
+from tests.conftest import ROOT
+from tests.integration.stages.test_build_cli import _kill_session
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def tokenize(corpus, out, tokenizer="packaged:all-MiniLM-L6-v2", unit_bytes=30_000):
+    return run_tokenize(corpus=[str(corpus)], out=open_location(str(out)), chunk_size=64, seq_len=256, text_field="text",
+                        tokenizer=tokenizer, unit_bytes=unit_bytes, concurrency=2, config={})
+
+
+def embed(out, **kw):
+    args = dict(encoder="packaged:all-MiniLM-L6-v2", pooling="mean", embedding_dtype="float16", compute_dtype="auto",
+                batch_size=64, concurrency=2, cpus_per_worker=1, gpus_per_worker=0, allow_tokenizer_mismatch=False,
+                config={})
+    args.update(kw)
+    return run_embed(out=open_location(str(out)), **args)
+
+
+def load_embeddings(out) -> tuple[np.ndarray, np.ndarray]:
+    m = read_manifest(open_location(str(out)), "embeddings")
+    vecs = np.concatenate([np.load(os.path.join(out, "embeddings", p["path"])) for p in m["parts"]])
+    ids = np.concatenate([pq.read_table(os.path.join(out, "embeddings", p["ids_path"]))["chunk_id"].to_numpy()
+                          for p in m["parts"]])
+    return ids, vecs
+
+
+@pytest.fixture(scope="module")
+def small_build(tmp_path_factory, plays):
+    """~500 chunks of real text in several parts, tokenized once for the module."""
+    d = tmp_path_factory.mktemp("embed")
+    corpus = d / "corpus"
+    corpus.mkdir()
+    for p in plays[:4]:
+        (corpus / p.name).write_text(p.read_text()[:20_000])
+    tokenize(corpus, d / "build", unit_bytes=20_000)
+    embed(d / "build")
+    return d
+
+
+def copy_without_embeddings(small_build, dest):
+    shutil.copytree(small_build / "build", dest, ignore=shutil.ignore_patterns("embeddings"))
+    return dest
+
+
+def reference_fp32(tokens: np.ndarray) -> np.ndarray:
+    """An independent float32 reading of the seed's bert_embed: [CLS]+chunk, mean over non-pad after [CLS]."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(default_encoder_path()).eval()
+    ids = torch.cat([torch.full((len(tokens), 1), 101), torch.from_numpy(tokens[:, :-1].astype(np.int64))], 1)
+    mask = ids != 0
+    with torch.no_grad():
+        h = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    m = mask[:, 1:, None].float()
+    return ((h[:, 1:] * m).sum(1) / (m.sum(1) + 1e-8)).numpy()
+
+
+def test_embeddings_match_float32_reference_and_layout(small_build):
+    out = small_build / "build"
+    ids, vecs = load_embeddings(out)
+    s = read_manifest(open_location(str(out)), "embeddings")["totals"]
+    chunks = read_manifest(open_location(str(out)), "chunks")
+    assert s["chunks"] == len(ids) == chunks["totals"]["chunks"] and vecs.dtype == np.float16 and vecs.shape[1] == 384
+    assert (ids == np.arange(len(ids))).all()
+    m = read_manifest(open_location(str(out)), "embeddings")
+    assert m["dim"] == 384 and m["pooling"] == "mean" and m["tokenizer"]["fingerprint"] == chunks["tokenizer"]["fingerprint"]
+    # pick rows from two parts, including each document's short last chunk (padding matters there)
+    _, tokens = read_chunk_tokens(open_location(str(out)), chunks["parts"][0]["path"])
+    sample = np.r_[0:8, len(tokens) - 3:len(tokens)]
+    ref = reference_fp32(tokens[sample])
+    got = vecs[sample].astype(np.float32)
+    cos = (ref * got).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
+    assert cos.min() >= 0.99, cos
+    # the embedding-reader layout: numpy folder + ids metadata folder, read back row for row
+    from embedding_reader import EmbeddingReader
+
+    reader = EmbeddingReader(str(out / "embeddings"), file_format="npy")
+    assert reader.count == len(ids) and reader.dimension == 384
+    again = embed(out)
+    assert again.up_to_date
+
+
+def test_cls_pooling_differs_and_float32_option(small_build, tmp_path):
+    out = copy_without_embeddings(small_build, tmp_path / "b")
+    embed(out, pooling="cls", embedding_dtype="float32", compute_dtype="float32")
+    _, cls_vecs = load_embeddings(out)
+    assert cls_vecs.dtype == np.float32
+    _, tokens = read_chunk_tokens(open_location(str(out)), "part-00000.parquet")
+    mean_ref = reference_fp32(tokens[:4])
+    assert not np.allclose(cls_vecs[:4], mean_ref, atol=1e-2)
+
+
+def test_tokenizer_mismatch_is_refused(small_build, tmp_path):
+    """Chunks made with a different (cased-preserving) tokenizer must not be embedded silently."""
+    tok_dir = tmp_path / "other-tokenizer"
+    shutil.copytree(default_encoder_path(), tok_dir, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    spec = json.loads((tok_dir / "tokenizer.json").read_text())
+    spec["normalizer"]["lowercase"] = False
+    (tok_dir / "tokenizer.json").write_text(json.dumps(spec))
+    out = tmp_path / "mismatch"
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("Words For A Small Document, Written In Title Case.")
+    tokenize(corpus, out, tokenizer=str(tok_dir))
+    with pytest.raises(ValueError, match="different tokenizer"):
+        embed(out)
+    assert embed(out, allow_tokenizer_mismatch=True).chunks == 1
+
+
+def test_damaged_and_missing_parts_are_recomputed_only(small_build, tmp_path):
+    out = tmp_path / "r"
+    shutil.copytree(small_build / "build", out)
+    total = read_manifest(open_location(str(out)), "embeddings")["totals"]["chunks"]
+    parts = sorted((out / "embeddings").glob("part-*.npy"))
+    assert len(parts) >= 3
+    before = {p.name: p.read_bytes() for p in parts}
+    untouched_mtime = parts[2].stat().st_mtime
+    parts[0].unlink()
+    parts[1].write_bytes(before[parts[1].name][:-100])
+    s = embed(out)
+    assert 0 < s.embedded_now < total
+    assert {p.name: p.read_bytes() for p in sorted((out / "embeddings").glob("part-*.npy"))} == before
+    assert parts[2].stat().st_mtime == untouched_mtime
+
+
+def test_killed_embed_resumes(small_build, tmp_path):
+    out = copy_without_embeddings(small_build, tmp_path / "k")
+    args = [sys.executable, "-m", "jobs.build_index", "--out", str(out), "--stages", "embed", "--num-cpus", "2",
+            "--embed-batch-size", "64"]
+    proc = subprocess.Popen(args, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not list(out.glob("embeddings/_parts/*/part-*.json")):
+            time.sleep(0.05)
+    finally:
+        _kill_session(proc.pid)
+    done_before = len(list(out.glob("embeddings/_parts/*/part-*.json")))
+    assert done_before >= 1 and not (out / "embeddings" / "_manifest.json").exists()
+    total = read_manifest(open_location(str(out)), "chunks")["totals"]["chunks"]
+    s = embed(out)
+    assert s.embedded_now < total and s.chunks == total
+    ids, vecs = load_embeddings(out)
+    ids2, vecs2 = load_embeddings(small_build / "build")  # an uninterrupted run with the same settings
+    assert (ids == ids2).all() and np.array_equal(vecs, vecs2)
+
+
+def test_s3_round_trip(small_build, s3_server):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("embed-bucket")
+    local = small_build / "build"
+    fs.put(str(local / "chunks"), "embed-bucket/build/chunks", recursive=True)
+    s = embed("s3://embed-bucket/build")
+    assert s.chunks > 0
+    m_remote = json.loads(fs.cat("embed-bucket/build/embeddings/_manifest.json"))
+    m_local = read_manifest(open_location(str(local)), "embeddings")
+    assert [p["sha256"] for p in m_remote["parts"]] == [p["sha256"] for p in m_local["parts"]]

@@ -1,0 +1,226 @@
+"""RETRO training on a real small build (four Shakespeare play openings, two editions each) with real local Ray:
+the Ray Data join against the artifacts, a 2-worker Ray Train run (metrics, checkpoints), exact resume, the
+job's CLI, and generation that retrieves at chunk boundaries."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.artifacts.storage import open_location
+from pipelines.artifacts.versions import resolve_latest
+from pipelines.train.checkpoint import list_checkpoints
+from pipelines.train.metrics import read_metrics
+from pipelines.train.retro import build_samples, resolve_spec
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+CHUNK, SEQ = 16, 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def quick():
+    """One torch thread in this process (tiny tensors; far faster on a busy machine), and Ray Train noticing
+    finished workers sooner (the controller reads this when a run starts)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory, plays, ray_local):
+    """~400 chunks in four parts: tokenize, embed, index, neighbors (k=2), once for the module."""
+    from pipelines.stages.build import run_build
+    from pipelines.stages.build_config import BuildConfig
+
+    d = tmp_path_factory.mktemp("retro")
+    corpus = d / "corpus"
+    corpus.mkdir()
+    for p in plays[:4]:
+        (corpus / p.name).write_text(p.read_text()[:6_000])
+    assert run_build(BuildConfig(corpus=[str(corpus)], out=str(d / "build"), chunk_size=CHUNK, seq_len=SEQ,
+                                 unit_mb=0.004, concurrency=2, k=2)) == 0
+    return d
+
+
+def test_join_gives_the_artifacts_tokens_and_neighbors(build):
+    data, out = open_location(str(build / "build")), open_location(str(build / "out_join"))
+    spec, reader, _ = resolve_spec(data, seq_len=SEQ, num_neighbors=0, eval_fraction=0.2, split_seed=0)
+    assert len(reader.parts) >= 3  # the join crosses parts
+    summary = build_samples(data, out, spec, partitions=2)
+    assert summary.samples > 20 and 0 < summary.eval < summary.samples and not summary.reused
+    assert build_samples(data, out, spec).reused
+
+    chunks = pq.read_table(str(build / "build" / "chunks")).sort_by("chunk_id")
+    tokens = np.asarray(chunks.column("tokens").to_pylist(), np.int32)
+    doc = chunks.column("doc_id").to_numpy()
+    nbt = pq.read_table(str(build / "build" / "neighbors" / resolve_latest(data)["neighbors"])).sort_by("chunk_id")
+    nb = np.asarray(nbt.column("neighbors").to_pylist())
+    seq_starts = np.sort(pq.read_table(str(build / "build" / "seqs")).column("seq_start").to_numpy())
+    samples = pq.read_table(summary.folder)
+    starts = samples.column("start").to_numpy()
+    assert np.array_equal(np.sort(starts), seq_starts)  # --seq-len = the build's: one sample per seqs/ entry
+    R, k, n = SEQ // CHUNK, nb.shape[1], len(tokens)
+    cut_continuations = kept_continuations = 0
+    for s, seq, ret in zip(starts, samples.column("tokens").to_pylist(), samples.column("retrieved").to_pylist()):
+        seq, ret = np.asarray(seq), np.asarray(ret).reshape(R, k, 2 * CHUNK)
+        for p in range(R):
+            q = s + p
+            if q >= n or doc[q] != doc[s]:  # past the document's end: padding, no neighbors
+                assert not seq[p * CHUNK:(p + 1) * CHUNK].any() and not ret[p].any()
+                continue
+            assert np.array_equal(seq[p * CHUNK:(p + 1) * CHUNK + 1], tokens[q])
+            for j, m in enumerate(nb[q]):
+                assert np.array_equal(ret[p, j, :CHUNK], tokens[m, :CHUNK])
+                if m + 1 < n and doc[m + 1] == doc[m]:
+                    assert np.array_equal(ret[p, j, CHUNK:], tokens[m + 1, :CHUNK])
+                    kept_continuations += 1
+                else:
+                    assert not ret[p, j, CHUNK:].any()
+                    cut_continuations += 1
+    assert kept_continuations > 50 and cut_continuations > 0
+
+
+def run_train(*args: str) -> int:
+    from jobs.train_retro import main
+
+    return main(list(args))
+
+
+def common(data, out, steps):
+    return ["--data", str(data), "--out", str(out), "--preset", "tiny", "--max-steps", str(steps), "--num-workers", "2",
+            "--batch-size", "4", "--log-every", "1", "--eval-every", "2", "--checkpoint-every", "2",
+            "--eval-fraction", "0.2", "--eval-batches", "1", "--warmup-steps", "2", "--lr", "3e-3", "--vocab", "corpus"]
+
+
+@pytest.fixture(scope="module")
+def runs(build):
+    """A 2-worker run of 6 steps, and one of 4 steps resumed to 6 (the samples are copied, not rebuilt).
+
+    The first run names --data and --out relative to the driver's working directory, as `make demo` does:
+    the Ray Train workers run elsewhere and must still write there."""
+    data = build / "build"
+    a, b = build / "run_a", build / "run_b"
+    cwd = os.getcwd()
+    os.chdir(build)
+    try:
+        assert run_train(*common("build", "run_a", 6)) == 0
+    finally:
+        os.chdir(cwd)
+    b.mkdir()
+    shutil.copytree(a / "retro_samples", b / "retro_samples")
+    assert run_train(*common(data, b, 4)) == 0
+    first = read_metrics(str(b))
+    assert run_train(*common(data, b, 6)) == 0
+    return a, b, first
+
+
+def test_two_worker_run_writes_metrics_and_checkpoints(runs):
+    a, _, _ = runs
+    rows = read_metrics(str(a))
+    train = [r for r in rows if r["kind"] == "train"]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6] and all(r["workers"] == 2 for r in train)
+    assert all(r["tokens_per_s"] > 0 and np.isfinite(r["loss"]) for r in train)
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert [r["step"] for r in evals] == [2, 4, 6]
+    assert all(np.isfinite(r["eval_loss"]) and np.isfinite(r["eval_loss_no_retrieval"]) for r in evals)
+    cks = list_checkpoints(str(a), "retro")
+    assert [c.rsplit("_", 1)[-1] for c in cks] == ["00000004", "00000006"]  # two kept
+    import torch
+
+    ck = torch.load(f"{cks[-1]}/model.pt", weights_only=True)
+    assert ck["step"] == 6 and json.loads(ck["position_json"])["offset"] == 24 and ck["world_size"] == 2
+    mcfg = json.loads(ck["model_config_json"])
+    assert mcfg["chunk_size"] == CHUNK
+    # --vocab corpus: the model predicts over the ids the build uses (all of them), renumbered
+    chunks = pq.read_table(str(runs[0].parent / "build" / "chunks"))
+    used = np.unique(chunks.column("tokens").combine_chunks().values.to_numpy())
+    assert set(used.tolist()) <= set(ck["vocab_ids"].tolist()) and mcfg["num_tokens"] == len(ck["vocab_ids"]) < 5000
+
+
+def test_resume_continues_exactly(runs):
+    a, b, first = runs
+    assert [r["step"] for r in first if r["kind"] == "train"] == [1, 2, 3, 4]
+    straight = {r["step"]: r["loss"] for r in read_metrics(str(a)) if r["kind"] == "train"}
+    resumed = {r["step"]: r["loss"] for r in read_metrics(str(b)) if r["kind"] == "train"}
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]  # one history, no duplicated rows
+    for step in (5, 6):
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-5, abs=1e-5), step
+    ev_a = [r["eval_loss"] for r in read_metrics(str(a)) if r["kind"] == "eval"]
+    ev_b = [r["eval_loss"] for r in read_metrics(str(b)) if r["kind"] == "eval"]
+    assert ev_b == pytest.approx(ev_a, rel=1e-5)
+
+
+def test_generation_retrieves_at_chunk_boundaries(build, runs):
+    from pipelines.inference.generate import ChunkRetriever, RetroGenerator, load_retro
+
+    model, mcfg, _, vocab = load_retro(str(runs[0]))
+    retriever = ChunkRetriever(str(build / "build"))
+    chunks = pq.read_table(str(build / "build" / "chunks")).sort_by("chunk_id")
+    corpus_chunk = np.asarray(chunks.column("tokens")[7].as_py()[:CHUNK])
+    got = retriever(corpus_chunk[None])  # a chunk of the build retrieves itself first, with its continuation
+    assert got.shape == (1, 2, 2 * CHUNK) and np.array_equal(got[0, 0, :CHUNK], corpus_chunk)
+    assert retriever.last_ids[0, 0] == 7
+
+    calls = []
+
+    def spy(chunk_tokens):
+        calls.append(chunk_tokens.copy())
+        return retriever(chunk_tokens)
+
+    seen = []
+    inner = model.next_token_logits
+
+    def logits_spy(prefix, retrieved=None):
+        seen.append((prefix.shape[1], None if retrieved is None else tuple(retrieved.shape)))
+        return inner(prefix, retrieved)
+
+    model.next_token_logits = logits_spy
+    gen = RetroGenerator(model, spy, chunk_size=CHUNK, max_seq_len=mcfg["max_seq_len"], vocab=vocab)
+    prompt = chunks.column("tokens")[20].as_py()[:CHUNK] + [2023] * 4  # one whole chunk + 4 tokens
+    out = gen.generate(prompt, 100, temperature=0.8, top_k=20, seed=1, stop_at_sep=False)
+    assert len(out) == len(prompt) + 100
+    # retrieved once per completed chunk: the prompt's, then every 16 generated tokens (not after the last)
+    assert gen.retrievals == [16, 32, 48, 64, 80, 96, 112] and len(calls) == 7
+    for end, chunk in zip(gen.retrievals, calls):
+        assert chunk.tolist() == [out[end - CHUNK:end]]
+    assert len(seen) == 100
+    for n, shape in seen:  # the model always gets the neighbors of every completed chunk in its window
+        start = max(0, -(-(n - mcfg["max_seq_len"]) // CHUNK) * CHUNK)
+        assert n - start <= mcfg["max_seq_len"] and shape == (1, (n - start) // CHUNK, 2, 2 * CHUNK)
+
+
+def job(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_help_and_one_line_errors(build, tmp_path):
+    r = job("jobs.train_retro", "--help")
+    assert r.returncode == 0
+    for flag in ("--data", "--out", "--preset", "--max-steps", "--num-workers", "--use-gpu", "--max-failures",
+                 "--eval-every", "--batch-size", "--seq-len", "ray job submit --working-dir . -- python -m jobs.train_retro"):
+        assert flag in r.stdout, flag
+    assert "ray job submit" in job("jobs.generate", "--help").stdout
+    cases = [
+        (["--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")], "chunks/_manifest.json"),
+        (["--data", str(build / "build"), "--out", str(tmp_path / "o"), "--seq-len", "24"], "must be a multiple"),
+        (["--data", str(build / "build"), "--out", str(tmp_path / "o"), "--batch-size", "3", "--num-workers", "2"],
+         "multiple of --num-workers"),
+    ]
+    for args, message in cases:
+        r = job("jobs.train_retro", *args)
+        lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+        assert r.returncode == 2 and message in lines[-1] and len(lines) <= 2 and "Traceback" not in r.stderr, r.stderr
+    r = job("jobs.generate", "--checkpoint", str(tmp_path), "--data", str(build / "build"), "--prompt", "x")
+    assert r.returncode == 2 and "no checkpoint under" in r.stderr and "Traceback" not in r.stderr
