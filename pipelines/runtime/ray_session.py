@@ -47,6 +47,10 @@ def cluster_cpus() -> int:
     return int(ray.cluster_resources().get("CPU", 1))
 
 
+def cluster_gpus() -> float:
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
 def bounded_as_completed(submit: Callable[[Any], ray.ObjectRef], items: list, limit: int
                          ) -> Iterator[tuple[int, Any]]:
     """``(index, result)`` of ``submit(items[index])`` for every item, in the order the tasks finish, with at

@@ -6,7 +6,7 @@ from typing import Callable
 
 from pipelines.artifacts.storage import Location, check_writable, open_location
 from pipelines.runtime.config import config_to_dict
-from pipelines.runtime.ray_session import cluster_cpus, init_ray
+from pipelines.runtime.ray_session import cluster_cpus, cluster_gpus, init_ray
 from pipelines.stages.build_config import DEMO_OUT, BuildConfig, bundled_corpus
 
 
@@ -18,13 +18,28 @@ def _tokenize(cfg: BuildConfig, out: Location, corpus: list[str], concurrency: i
                         concurrency=concurrency, config={**config_to_dict(cfg), "corpus": corpus})
 
 
+def embed_workers(concurrency: int, cpus_per_worker: float, gpus_per_worker: float, cluster_gpus: float) -> int:
+    """Encoder actors to start: CPU workers share ``concurrency`` CPUs; GPU workers are bounded by the
+    cluster's GPUs (asking for more GPU actors than fit would leave them pending forever).
+
+    Raises:
+        ValueError: ``gpus_per_worker`` > 0 on a cluster without that many GPUs.
+    """
+    if gpus_per_worker == 0:
+        return max(1, int(concurrency // cpus_per_worker))
+    fit = int(cluster_gpus // gpus_per_worker)
+    if fit < 1:
+        raise ValueError(f"--gpus-per-worker {gpus_per_worker:g} but the Ray cluster has {cluster_gpus:g} GPU(s)")
+    return max(1, min(fit, concurrency))
+
+
 def _embed(cfg: BuildConfig, out: Location, corpus: list[str], concurrency: int):
     from pipelines.stages.embed import run_embed
 
-    workers = concurrency if cfg.gpus_per_worker == 0 else max(1, int(concurrency))
+    workers = embed_workers(concurrency, cfg.cpus_per_worker, cfg.gpus_per_worker,
+                            cluster_gpus() if cfg.gpus_per_worker else 0.0)
     return run_embed(out=out, encoder=cfg.encoder, pooling=cfg.pooling, embedding_dtype=cfg.embedding_dtype,
-                     compute_dtype=cfg.compute_dtype, batch_size=cfg.embed_batch_size,
-                     concurrency=max(1, int(workers // cfg.cpus_per_worker)) if cfg.gpus_per_worker == 0 else workers,
+                     compute_dtype=cfg.compute_dtype, batch_size=cfg.embed_batch_size, concurrency=workers,
                      cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=cfg.gpus_per_worker,
                      allow_tokenizer_mismatch=cfg.allow_tokenizer_mismatch, config=config_to_dict(cfg))
 

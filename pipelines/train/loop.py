@@ -53,6 +53,16 @@ def autocast(cfg: CommonTrainConfig, device: Any):
                           enabled=cfg.precision == "bf16")
 
 
+def optimizer_step(model: Any, optimizer: Any, grad_clip: float) -> None:
+    """Clip the global gradient norm to ``grad_clip`` (0 = off), step, clear the gradients (no host sync)."""
+    import torch
+
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def import_object(path: str):
     module, _, attr = path.partition(":")
     __import__(module)
@@ -117,10 +127,7 @@ def train_loop(loop_config: dict) -> None:
         with autocast(cfg, device):
             loss_sum = task.loss_sum(model, batch)
         (loss_sum * (world / global_tokens)).backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(raw_model, optimizer, cfg.grad_clip)
         step += 1
         window_loss += float(loss_sum.detach())
         window_tokens += local_tokens

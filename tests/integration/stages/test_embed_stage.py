@@ -63,8 +63,8 @@ def copy_without_embeddings(small_build, dest):
     return dest
 
 
-def reference_fp32(tokens: np.ndarray) -> np.ndarray:
-    """An independent float32 reading of the seed's bert_embed: [CLS]+chunk, mean over non-pad after [CLS]."""
+def reference_hidden(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """An independent float32 run of the encoder on [CLS] + chunk: (last hidden state, attention mask)."""
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(default_encoder_path()).eval()
@@ -72,8 +72,34 @@ def reference_fp32(tokens: np.ndarray) -> np.ndarray:
     mask = ids != 0
     with torch.no_grad():
         h = model(input_ids=ids, attention_mask=mask).last_hidden_state
-    m = mask[:, 1:, None].float()
-    return ((h[:, 1:] * m).sum(1) / (m.sum(1) + 1e-8)).numpy()
+    return h.numpy(), mask.numpy()
+
+
+def reference_fp32(tokens: np.ndarray) -> np.ndarray:
+    """The seed's bert_embed read independently: mean of the last hidden state over non-pad tokens after [CLS]."""
+    h, mask = reference_hidden(tokens)
+    m = mask[:, 1:, None].astype(np.float32)
+    return (h[:, 1:] * m).sum(1) / (m.sum(1) + 1e-8)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def stored_rows_by_chunk_id(out) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
+    """Sampled chunk ids from every chunks part (first rows and each part's last rows), their tokens, and the
+    stored vector of each id found through the embeddings' own ids files (not by position)."""
+    loc = open_location(str(out))
+    ids, vecs = load_embeddings(out)
+    row_of = {int(c): i for i, c in enumerate(ids)}
+    chosen, tokens = [], []
+    for part in read_manifest(loc, "chunks")["parts"]:
+        chunk_ids, toks = read_chunk_tokens(loc, part["path"])
+        pick = np.unique(np.r_[0:3, len(toks) - 2:len(toks)].clip(0, len(toks) - 1))
+        chosen.append(chunk_ids[pick])
+        tokens.append(toks[pick])
+    chosen_ids = np.concatenate(chosen)
+    return chosen_ids, np.concatenate(tokens), {c: vecs[row_of[int(c)]].astype(np.float32) for c in chosen_ids}
 
 
 def test_embeddings_match_float32_reference_and_layout(small_build):
@@ -85,13 +111,13 @@ def test_embeddings_match_float32_reference_and_layout(small_build):
     assert (ids == np.arange(len(ids))).all()
     m = read_manifest(open_location(str(out)), "embeddings")
     assert m["dim"] == 384 and m["pooling"] == "mean" and m["tokenizer"]["fingerprint"] == chunks["tokenizer"]["fingerprint"]
-    # pick rows from two parts, including each document's short last chunk (padding matters there)
-    _, tokens = read_chunk_tokens(open_location(str(out)), chunks["parts"][0]["path"])
-    sample = np.r_[0:8, len(tokens) - 3:len(tokens)]
-    ref = reference_fp32(tokens[sample])
-    got = vecs[sample].astype(np.float32)
-    cos = (ref * got).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
-    assert cos.min() >= 0.99, cos
+    # rows of every part, including each part's last chunks (a document's short last chunk: padding matters there),
+    # looked up by chunk id; the default bf16 compute + float16 storage stays as close to float32 as the
+    # benchmark measures (benchmarks/results/embed_throughput.json: min cosine 0.99989)
+    chosen, tokens, stored = stored_rows_by_chunk_id(out)
+    assert len(chosen) >= 3 * len(chunks["parts"])
+    cos = cosine(reference_fp32(tokens), np.stack([stored[int(c)] for c in chosen]))
+    assert cos.min() >= 0.9995 and cos.mean() >= 0.9999, cos
     # the embedding-reader layout: numpy folder + ids metadata folder, read back row for row
     from embedding_reader import EmbeddingReader
 
@@ -101,14 +127,23 @@ def test_embeddings_match_float32_reference_and_layout(small_build):
     assert again.up_to_date
 
 
-def test_cls_pooling_differs_and_float32_option(small_build, tmp_path):
-    out = copy_without_embeddings(small_build, tmp_path / "b")
+def test_float32_paths_equal_the_float32_reference(small_build, tmp_path):
+    """--compute-dtype float32 --embedding-dtype float32 reproduces the reference's numbers (no bf16 anywhere),
+    for mean pooling and for --pooling cls, which is the hidden state at position 0 ([CLS])."""
+    out = copy_without_embeddings(small_build, tmp_path / "mean")
+    embed(out, embedding_dtype="float32", compute_dtype="float32")
+    chosen, tokens, stored = stored_rows_by_chunk_id(out)
+    got = np.stack([stored[int(c)] for c in chosen])
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, reference_fp32(tokens), rtol=0, atol=2e-4)
+
+    out = copy_without_embeddings(small_build, tmp_path / "cls")
     embed(out, pooling="cls", embedding_dtype="float32", compute_dtype="float32")
-    _, cls_vecs = load_embeddings(out)
-    assert cls_vecs.dtype == np.float32
-    _, tokens = read_chunk_tokens(open_location(str(out)), "part-00000.parquet")
-    mean_ref = reference_fp32(tokens[:4])
-    assert not np.allclose(cls_vecs[:4], mean_ref, atol=1e-2)
+    chosen, tokens, stored = stored_rows_by_chunk_id(out)
+    cls_vecs = np.stack([stored[int(c)] for c in chosen])
+    hidden, _ = reference_hidden(tokens)
+    np.testing.assert_allclose(cls_vecs, hidden[:, 0], rtol=0, atol=2e-4)
+    assert cosine(cls_vecs, reference_fp32(tokens)).max() < 0.99  # a different pooling, not the mean again
 
 
 def test_tokenizer_mismatch_is_refused(small_build, tmp_path):
