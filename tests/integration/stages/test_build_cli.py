@@ -17,15 +17,29 @@ JOB = [sys.executable, "-m", "jobs.build_index"]
 
 
 def run_job(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The job as its own process, with its own local Ray instance (for kill-and-resume)."""
     return subprocess.run([*JOB, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def test_help_explains_every_flag():
-    r = run_job("--help")
-    assert r.returncode == 0
+def run_main(capsys, *args: str) -> tuple[int, str, str]:
+    """The job's ``main(argv)`` in this process (it joins the session's Ray): (exit code, stdout, stderr)."""
+    from jobs.build_index import main
+
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as e:
+        code = e.code
+    got = capsys.readouterr()
+    return code, got.out, got.err
+
+
+def test_help_explains_every_flag(capsys):
+    code, out, _ = run_main(capsys, "--help")
+    assert code == 0
     for flag in ("--corpus", "--out", "--stages", "--text-field", "--chunk-size", "--seq-len", "--tokenizer",
                  "--max-bad-fraction", "--config", "ray job submit"):
-        assert flag in r.stdout, flag
+        assert flag in out, flag
 
 
 @pytest.mark.parametrize("args, message", [
@@ -34,35 +48,39 @@ def test_help_explains_every_flag():
     (["--chunk-size", "64", "--seq-len", "100"], "must be a positive multiple of --chunk-size"),
     (["--stages", "tokenize,frobnicate"], "unknown stage(s) frobnicate"),
 ])
-def test_bad_arguments_fail_in_one_line_before_work(tmp_path, args, message):
-    start = time.perf_counter()
-    r = run_job(*[a.replace("{tmp}", str(tmp_path)) for a in args])
-    assert r.returncode == 2
-    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) <= 2 and message in lines[-1], r.stderr  # argparse adds a usage line; ours is one line
-    assert "Traceback" not in r.stderr
-    assert time.perf_counter() - start < 30  # no Ray start-up, no work
+def test_bad_arguments_fail_in_one_line_before_work(tmp_path, capsys, monkeypatch, args, message):
+    import pipelines.stages.build as build
+
+    def no_ray(*_, **__):
+        raise AssertionError("Ray was started before the arguments were checked")
+
+    monkeypatch.setattr(build, "init_ray", no_ray)
+    code, _, err = run_main(capsys, *[a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) <= 2 and message in lines[-1], err  # argparse adds a usage line; ours is one line
+    assert "Traceback" not in err
 
 
-def test_unknown_toml_key_is_an_error(tmp_path):
+def test_unknown_toml_key_is_an_error(tmp_path, capsys):
     cfg = tmp_path / "c.toml"
     cfg.write_text('chunk_size = 64\nchunk_sise = 32\n')
-    r = run_job("--config", str(cfg))
-    assert r.returncode == 2 and "unknown option(s) chunk_sise" in r.stderr
+    code, _, err = run_main(capsys, "--config", str(cfg))
+    assert code == 2 and "unknown option(s) chunk_sise" in err
 
 
-def test_too_much_quarantine_exits_nonzero_with_summary(tmp_path, plays):
+def test_too_much_quarantine_exits_nonzero_with_summary(tmp_path, plays, capsys, ray_local):
     corpus = tmp_path / "c"
     corpus.mkdir()
     shutil.copy(plays[0], corpus)
     (corpus / "bad.txt").write_bytes(b"\xff\xfe\x00binary")
-    r = run_job("--corpus", str(corpus), "--out", str(tmp_path / "o"), "--stages", "tokenize", "--num-cpus", "2")
-    assert r.returncode == 1, r.stderr[-2000:]
-    assert "2 documents read, 1 tokenized, 1 quarantined (binary=1)" in r.stdout
-    assert "--max-bad-fraction" in r.stderr
-    r = run_job("--corpus", str(corpus), "--out", str(tmp_path / "o"), "--stages", "tokenize",
-                "--max-bad-fraction", "0.5", "--num-cpus", "2")
-    assert r.returncode == 0 and "up to date" in r.stdout
+    code, out, err = run_main(capsys, "--corpus", str(corpus), "--out", str(tmp_path / "o"), "--stages", "tokenize")
+    assert code == 1, err[-2000:]
+    assert "2 documents read, 1 tokenized, 1 quarantined (binary=1)" in out
+    assert "--max-bad-fraction" in err
+    code, out, _ = run_main(capsys, "--corpus", str(corpus), "--out", str(tmp_path / "o"), "--stages", "tokenize",
+                            "--max-bad-fraction", "0.5")
+    assert code == 0 and "up to date" in out
 
 
 def _kill_session(pid: int) -> None:
@@ -83,7 +101,7 @@ def _sid(pid: int) -> int | None:
         return None
 
 
-def test_killed_run_resumes_to_the_same_parts(tmp_path, plays):
+def test_killed_run_resumes_to_the_same_parts(tmp_path, plays, capsys, ray_local):
     from tests.conftest import shakespeare_texts
 
     corpus = tmp_path / "c"
@@ -103,10 +121,9 @@ def test_killed_run_resumes_to_the_same_parts(tmp_path, plays):
     assert list(killed.glob("chunks/_staging/*/unit-*.npz")), "the job never started staging"
     assert not (killed / "chunks" / "_manifest.json").exists(), "killed too late: the run had finished"
 
-    resumed = run_job(*args, "--out", str(killed))
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    clean = run_job(*args, "--out", str(tmp_path / "clean"))
-    assert clean.returncode == 0
+    # the rerun and a clean run in this process, on the session's Ray (the killed run had its own instance)
+    assert run_main(capsys, *args, "--out", str(killed))[0] == 0
+    assert run_main(capsys, *args, "--out", str(tmp_path / "clean"))[0] == 0
     for folder in ("chunks", "docs", "seqs", "quarantine"):
         a = sorted((killed / folder).glob("part-*"))
         b = sorted((tmp_path / "clean" / folder).glob("part-*"))

@@ -105,11 +105,31 @@ def test_fewer_entries_than_k_are_masked():
     assert res.keys.shape == (2, 5, 8, 4)
 
 
-def test_query_leading_dims_are_kept():
-    mem = KNNMemory(2, KNNMemoryConfig(dim=4, capacity=16, backend="exact"))
-    mem.add(torch.randn(2, 10, 4), torch.randn(2, 10, 4))
-    res = mem.search(torch.randn(2, 3, 5, 4), 2)  # (rows, heads, tokens, d)
-    assert res.keys.shape == (2, 3, 5, 2, 4) and res.mask.shape == (2, 3, 5, 2)
+@pytest.mark.parametrize("backend", ["exact", "ivf"])
+def test_query_leading_dims_are_kept(backend):
+    """Queries (rows, heads, tokens, d) get, at [r, h, t], exactly the hits of the same query searched flat as
+    (rows, heads * tokens, d), and those are the brute-force top-k of the row."""
+    torch.manual_seed(0)
+    R, H, T, d, k = 2, 3, 5, 4, 2
+    mem = KNNMemory(R, KNNMemoryConfig(dim=d, capacity=64, backend=backend, faiss_min_entries=32))
+    ref = Reference(R, 64)
+    keys, values = torch.randn(R, 50, d), torch.randn(R, 50, d)
+    mem.add(keys, values)
+    ref.add(keys, values)
+    assert (mem._indexes[0] is not None) == (backend == "ivf")
+    q = torch.randn(R, H, T, d)
+    res = mem.search(q, k)
+    flat = mem.search(q.reshape(R, H * T, d), k)
+    assert res.keys.shape == (R, H, T, k, d) and res.values.shape == (R, H, T, k, d)
+    assert res.mask.shape == res.ids.shape == (R, H, T, k)
+    assert torch.equal(res.ids, flat.ids.view(R, H, T, k))
+    assert torch.equal(res.mask, flat.mask.view(R, H, T, k))
+    assert torch.equal(res.keys, flat.keys.view(R, H, T, k, d))
+    assert torch.equal(res.values, flat.values.view(R, H, T, k, d))
+    for r in range(R):
+        assert torch.equal(res.ids[r].reshape(H * T, k), ref.search(r, q[r].reshape(H * T, d), k))
+    rows = torch.arange(R)[:, None, None, None]
+    assert torch.equal(res.keys, keys[rows, res.ids]) and torch.equal(res.values, values[rows, res.ids])
 
 
 @pytest.mark.parametrize("backend", ["exact", "ivf", "faiss"])

@@ -53,23 +53,70 @@ def test_causal_later_tokens_do_not_change_earlier_logits(with_memory, grad):
     assert not torch.allclose(outs[0][:, t:], outs[1][:, t:], atol=1e-3)
 
 
-def test_memory_changes_predictions_and_use_knn_flag_skips_retrieval():
-    model = _model(gate_output=False)
+def spy_searches(memory) -> list[int]:
+    """Count the searches of each kNN memory of a MemoryState (the real search still runs)."""
+    counts = [0] * len(memory.knn)
+    for i, knn in enumerate(memory.knn):
+        def search(queries, topk, _i=i, _real=knn.search):
+            counts[_i] += 1
+            return _real(queries, topk)
+        knn.search = search
+    return counts
+
+
+def test_add_to_memory_false_still_retrieves_but_stores_nothing():
+    """add_to_memory=False searches the kNN memory as usual (same logits as a normal call: a segment never
+    retrieves its own pairs) but leaves it unchanged, so the next segment sees the old memory."""
+    model = _model()
+    segs = _segments(5)
+    frozen, normal = model.create_memory(2), model.create_memory(2)
+    with torch.no_grad():
+        _stream(model, frozen, segs[:3])
+        _stream(model, normal, segs[:3])
+        sizes = frozen.knn[0].sizes().copy()
+        searches = spy_searches(frozen)
+        a = model(segs[3], frozen, add_to_memory=False).logits
+        b = model(segs[3], normal).logits
+        assert searches == [1] and (frozen.knn[0].sizes() == sizes).all()
+        assert (normal.knn[0].sizes() > sizes).all()
+        assert torch.allclose(a, b, atol=1e-6)
+        a, b = model(segs[4], frozen).logits, model(segs[4], normal).logits
+    assert (a - b).abs().amax() > 1e-3  # the pairs it did not store are missing now
+
+
+def test_knn_off_searches_nothing_and_equals_an_empty_knn_memory():
+    """use_knn=False (eval_loss_no_knn) never searches the kNN memory and gives exactly the logits of the same
+    XL memory with an empty kNN memory, while what kNN retrieves does change the logits; memory=None
+    (eval_loss_no_memory) differs again, because the XL memory is gone too."""
+    model = _model()
     segs = _segments(4)
-    memory = model.create_memory(2)
+    filled = model.create_memory(2)
     with torch.no_grad():
-        _stream(model, memory, segs[:-1])
-        sizes = memory.knn[0].sizes().copy()
-        with_knn = model(segs[-1], memory, add_to_memory=False).logits
-        assert (memory.knn[0].sizes() == sizes).all()  # add_to_memory=False leaves the kNN memory alone
-    memory2 = model.create_memory(2)
+        _stream(model, filled, segs[:-1])
+    assert filled.knn[0].sizes().min() > 0
+    state = {k: v.clone() for k, v in filled.state_dict().items()}
+
+    def restored(empty_knn: bool = False):
+        memory = model.create_memory(2)
+        memory.load_state_dict(state)
+        if empty_knn:
+            for knn in memory.knn:
+                knn.clear()
+        return memory
+
+    on_memory, off_memory = restored(), restored()
+    on_searches, off_searches = spy_searches(on_memory), spy_searches(off_memory)
     with torch.no_grad():
-        _stream(model, memory2, segs[:-1])
-        no_knn = model(segs[-1], memory2, use_knn=False).logits
-        assert (memory2.knn[0].sizes() == sizes).all()
-        no_memory = model(segs[-1], None).logits
-    assert not torch.allclose(with_knn, no_knn, atol=1e-4)
-    assert not torch.allclose(no_knn, no_memory, atol=1e-4)  # XL memory still acts without kNN
+        on = model(segs[-1], on_memory).logits
+        off = model(segs[-1], off_memory, use_knn=False).logits
+        empty = model(segs[-1], restored(empty_knn=True)).logits
+        none = model(segs[-1], None).logits
+    assert on_searches == [1] and off_searches == [0]
+    assert (off_memory.knn[0].sizes() == filled.knn[0].sizes()).all()  # nor added to
+    assert torch.allclose(off, empty, atol=1e-5)
+    assert (on - off).abs().amax() > 1e-3
+    assert (off - none).abs().amax() > 1e-3
+    assert (on - none).abs().amax() > 1e-3
 
 
 def test_knn_memory_receives_pairs_leaving_the_xl_window():
@@ -187,14 +234,42 @@ def test_state_dict_round_trip_gives_identical_logits(backend):
     assert not torch.allclose(a[0], c, atol=1e-4)
 
 
-def test_bf16_autocast_and_ivf_backend_run():
-    model = _model(knn_backend="auto", knn_faiss_min_entries=16, knn_storage_dtype="bfloat16")
-    memory = model.create_memory(2)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        for s in _segments(4):
+def _stream_logits(segs, autocast: bool = False, **overrides) -> tuple[list[torch.Tensor], list[float], object]:
+    """Logits and losses of streaming segs through a fresh memory (same weights for any memory settings)."""
+    model = _model(**overrides)
+    memory = model.create_memory(segs[0].shape[0])
+    logits, losses = [], []
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        for s in segs:
             out = model(s, memory, labels=s)
-    assert memory.knn[0]._indexes[0] is not None
-    assert torch.isfinite(out.loss)
+            logits.append(out.logits.float())
+            losses.append(out.loss.item())
+    return logits, losses, memory
+
+
+@pytest.mark.parametrize("backend", ["ivf", "faiss"])
+def test_ivf_backend_scanning_every_list_gives_the_exact_logits(backend):
+    """With every IVF list probed (nprobe >= lists; small rows are scanned whole anyway), the IVF backends
+    retrieve what exact search retrieves, across index builds and retraining: identical logits."""
+    segs = _segments(6, n=32)
+    kw = dict(max_knn_memories=256, knn_faiss_min_entries=32, knn_nprobe=64)
+    exact, _, _ = _stream_logits(segs, knn_backend="exact", **kw)
+    ivf, _, memory = _stream_logits(segs, knn_backend=backend, **kw)
+    index = memory.knn[0]._indexes[0]
+    assert index is not None and index.nlist > 1  # searches really went through a multi-list IVF index
+    for step, (a, b) in enumerate(zip(exact, ivf)):
+        assert torch.allclose(a, b, atol=1e-5), f"segment {step}"
+
+
+def test_bf16_autocast_close_to_float32():
+    """Under bf16 autocast with bf16 kNN storage the streamed logits stay within bf16 error of float32."""
+    segs = _segments(6)
+    ref, ref_losses, _ = _stream_logits(segs, max_knn_memories=128)
+    bf16, losses, memory = _stream_logits(segs, autocast=True, max_knn_memories=128, knn_storage_dtype="bfloat16")
+    assert memory.knn[0].keys.dtype == torch.bfloat16 and memory.knn[0].sizes().min() > 0
+    for step, (a, b) in enumerate(zip(ref, bf16)):
+        assert (a - b).norm() / a.norm() < 0.02, f"segment {step}"
+    assert max(abs(a - b) for a, b in zip(ref_losses, losses)) < 0.01
 
 
 def test_relative_position_bias_counts_xl_positions():

@@ -29,10 +29,41 @@ def test_shapes_and_dtype():
     assert y.shape == (3, 7, 32)
     assert y.dtype == x.dtype
     assert torch.isfinite(y).all()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        yb = layer(x)
-    assert yb.shape == (3, 7, 32)
-    assert torch.isfinite(yb).all()
+
+
+def _full_scores(layer: ProductKeyMemory, x: torch.Tensor) -> torch.Tensor:
+    """float32 scores (T, heads, num_keys ** 2) of every product key, by brute force."""
+    h, K, dh = layer.config.heads, layer.config.num_keys, layer.dim_head
+    T = x.shape[0] * x.shape[1]
+    q = layer.query_norm(layer.to_queries(x.reshape(T, layer.dim)).view(T, 2 * h, dh))  # (T, 2h, dh)
+    keys = layer.keys.detach()
+    per_head = [((q[:, i] @ keys[i])[:, :, None] + (q[:, h + i] @ keys[h + i])[:, None, :]).reshape(T, K * K)
+                for i in range(h)]
+    return torch.stack(per_head, dim=1)  # (T, h, K*K)
+
+
+def test_bf16_autocast_matches_float32_within_bf16_error():
+    """Under bf16 autocast the layer reads what float32 reads, within bf16 rounding: every slot it picks
+    scores (in float32) within rounding of the k-th best (near-ties may swap), and the output equals the
+    float32 softmax-weighted sum of the slots it picked, to bf16 precision; the output keeps x's dtype."""
+    layer = _layer().eval()
+    h, k = layer.config.heads, layer.config.topk
+    x = torch.randn(3, 7, 32, generator=torch.Generator().manual_seed(1))
+    T = 21
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y16 = layer(x)
+            idx16, _ = layer.select(x)
+        full = _full_scores(layer, x)  # (T, h, K*K) float32
+        picked = idx16.view(T, h, k)
+        scores = full.gather(-1, picked)  # (T, h, k): float32 scores of the slots bf16 picked
+        kth_best = full.topk(k, dim=-1).values[..., -1]  # (T, h)
+        want = (layer.values.weight[picked] * scores.softmax(-1)[..., None]).sum((1, 2)).view(3, 7, 32)
+    assert y16.dtype == torch.float32
+    assert all(len(set(row.tolist())) == k for row in picked.view(-1, k))  # k distinct slots per head
+    assert (kth_best - scores.min(-1).values).max() < 0.05  # a swap only among near-ties
+    rel = (y16 - want).norm(dim=-1) / want.norm(dim=-1)  # per token
+    assert rel.max() < 0.02, rel.max()
 
 
 def test_dim_head_auto():

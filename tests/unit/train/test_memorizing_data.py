@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from pipelines.artifacts.build_reader import BuildReader
-from pipelines.train.memorizing import DocOrder, MemorizingTask, Streams, memorizing_model_dict, num_segments
+from pipelines.train.memorizing import (
+    DocOrder,
+    MemorizingTask,
+    Streams,
+    ce_sum,
+    memorizing_model_dict,
+    num_segments,
+    segment,
+)
 from pipelines.train.run_memorizing import MemorizingTrainConfig
 from tests.unit.train.test_retro_data import C, write_build
 
@@ -97,8 +105,9 @@ def test_order_is_worker_independent_seeded_and_resumable(synthetic):
     assert [r[2] for r in other] != [r[2] for r in one]
 
 
-def make_task(out, **kw) -> MemorizingTask:
-    cfg = MemorizingTrainConfig(data=out.url, out=out.url, batch_size=3, seq_len=SEG, eval_fraction=0.25, seed=5, **kw)
+def make_task(out, eval_fraction=0.25, **kw) -> MemorizingTask:
+    cfg = MemorizingTrainConfig(data=out.url, out=out.url, batch_size=3, seq_len=SEG, eval_fraction=eval_fraction, seed=5,
+                                **kw)
     model = memorizing_model_dict("tiny", {"xl_max_memories": SEG, "max_knn_memories": 6}, vocab_size=64)
     task = MemorizingTask(cfg, 0, 1, torch.device("cpu"), {"model_config": model})
     torch.manual_seed(0)
@@ -152,3 +161,68 @@ def test_task_state_round_trips_for_resume(synthetic):
             assert float(a.loss_sum(a.model, xa)) == float(b.loss_sum(b.model, xb))
     with pytest.raises(ValueError, match="--num-workers 2"):
         make_task(out).load_state_dict(state, 2)
+
+
+def test_eval_ablations_match_per_document_streams(synthetic):
+    """Evaluation streams each held-out document from fresh memories three ways: with XL and kNN memories
+    (eval_loss), with the XL memory but kNN off, its memory never searched (eval_loss_no_knn), and with no
+    memory at all (eval_loss_no_memory). Each equals streaming the documents one by one that way, and the
+    three differ, since each memory reaches the output."""
+    from tests.unit.models.test_memorizing import spy_searches
+
+    out, _ = synthetic
+    task = make_task(out, eval_fraction=0.6)
+    model, cfg = task.model.eval(), task.cfg
+    docs = task.order.eval_docs(cfg.eval_docs)
+    assert len(docs) > cfg.local_batch_size  # more than one batch of documents
+    sums = np.zeros(4)  # reference: one document at a time
+    knn_entries = 0  # most kNN entries a document's full memory held (the kNN memory really fills)
+    with torch.no_grad():
+        for doc in docs:
+            tokens = task.order.doc_tokens(doc)
+            full, xl_only = model.create_memory(1), model.create_memory(1)
+            for k in range(min(cfg.eval_segments, num_segments(len(tokens), SEG))):
+                x, y = (torch.from_numpy(a)[None] for a in segment(tokens, k, SEG))
+                sums[0] += float(ce_sum(model(x, full).logits, y))
+                sums[1] += float(ce_sum(model(x, None).logits, y))
+                sums[2] += float(ce_sum(model(x, xl_only, use_knn=False).logits, y))
+                sums[3] += float((y != 0).sum())
+                knn_entries = max(knn_entries, int(full.knn[0].sizes()[0]))
+                assert xl_only.knn[0].sizes()[0] == 0
+    assert knn_entries > 0
+
+    created, searches = [], []  # every memory evaluation makes, and how often each was searched
+    real_create = model.create_memory
+
+    def create_memory(*args, **kwargs):
+        memory = real_create(*args, **kwargs)
+        created.append(memory)
+        searches.append(spy_searches(memory))
+        return memory
+
+    calls = []  # (memory, use_knn) of every forward
+
+    def spy(module, args, kwargs):
+        calls.append((args[1] if len(args) > 1 else kwargs.get("memory"), kwargs.get("use_knn", True)))
+
+    model.create_memory = create_memory
+    hook = model.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            metrics = task.evaluate(model)
+    finally:
+        hook.remove()
+        del model.create_memory
+    assert metrics["eval_tokens"] == sums[3]
+    assert metrics["eval_loss"] == pytest.approx(sums[0] / sums[3], rel=1e-5)
+    assert metrics["eval_loss_no_memory"] == pytest.approx(sums[1] / sums[3], rel=1e-5)
+    assert metrics["eval_loss_no_knn"] == pytest.approx(sums[2] / sums[3], rel=1e-5)
+    # what the model saw: per segment one call with the full memory, one with none, one with kNN off
+    full_memories, xl_memories = created[0::2], created[1::2]
+    assert {id(m) for m, _ in calls[0::3]} == {id(m) for m in full_memories}
+    assert all(m is None for m, _ in calls[1::3])
+    assert {id(m) for m, _ in calls[2::3]} == {id(m) for m in xl_memories}
+    assert all(use_knn for _, use_knn in calls[0::3]) and not any(use_knn for _, use_knn in calls[2::3])
+    assert all(s[0] > 0 for s in searches[0::2]) and all(s == [0] for s in searches[1::2])
+    assert abs(metrics["eval_loss"] - metrics["eval_loss_no_knn"]) > 1e-3, metrics  # kNN reaches the output
+    assert abs(metrics["eval_loss_no_knn"] - metrics["eval_loss_no_memory"]) > 1e-3, metrics  # and so does XL

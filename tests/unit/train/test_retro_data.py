@@ -272,3 +272,91 @@ def test_resuming_a_different_model_is_refused_with_the_settings_that_differ():
     check_same_model({}, {"num_tokens": 100})  # a checkpoint without a recorded config: nothing to compare
     with pytest.raises(ValueError, match=r"num_tokens: 30522 in the checkpoint, 13759 now.*--no-resume"):
         check_same_model({"num_tokens": 30522, "dim": 8}, {"num_tokens": 13759, "dim": 8})
+
+
+def write_random_samples(tmp_path, parts=2, rows=10, seq_len=8, k=2, c=C, vocab=64):
+    """Sample parts of random tokens and neighbors (some continuations padded), every other row held out.
+
+    Returns the folder and the held-out (tokens, retrieved) rows in the order evaluation reads them."""
+    rng = np.random.default_rng(0)
+    out = open_location(str(tmp_path / "samples"))
+    R = seq_len // c
+    entries, held_tok, held_ret, start = [], [], [], 0
+    for p in range(parts):
+        starts = np.arange(start, start + rows)
+        start += rows
+        is_eval = starts % 2 == 0
+        tok = rng.integers(1, vocab, (rows, seq_len + 1)).astype(np.int32)
+        ret = rng.integers(1, vocab, (rows, R, k, 2 * c)).astype(np.int32)
+        ret[rng.random((rows, R, k)) < 0.3, c:] = 0  # neighbors at a document's end: no continuation
+        e = write_table(out, part_name(p), samples_table(starts, is_eval, tok, ret.reshape(rows, -1)))
+        entries.append(e | {"path": part_name(p), "seq_part": p, "eval_rows": int(is_eval.sum()),
+                            "train_rows": int((~is_eval).sum())})
+        held_tok.append(tok[is_eval])
+        held_ret.append(ret[is_eval])
+    train, ev = sum(e["train_rows"] for e in entries), sum(e["eval_rows"] for e in entries)
+    write_manifest(out, ".", stage="retro_samples", parts=entries, totals={"samples": train + ev, "train": train, "eval": ev},
+                   config={}, extra={"chunk_size": c, "seq_len": seq_len, "chunks_per_sample": R, "k": k})
+    return out, np.concatenate(held_tok), np.concatenate(held_ret)
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """Tiny tensors: one torch thread is fastest, and far faster on a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_retro_eval_without_retrieval_feeds_only_padding_neighbors(tmp_path, one_torch_thread):
+    """eval_loss is the held-out token loss with the real neighbors; eval_loss_no_retrieval the same rows with
+    every neighbor token replaced by padding, so the model reads nothing retrieved (CCA sees only its null)."""
+    import torch
+
+    from pipelines.train.retro import RetroTask, retro_model_dict
+    from pipelines.train.run_retro import RetroTrainConfig
+
+    out, held_tok, held_ret = write_random_samples(tmp_path)
+    cfg = RetroTrainConfig(data="unused", out=str(tmp_path), batch_size=4, eval_batches=2)
+    model_dict = retro_model_dict("tiny", {"init_std": 0.2}, vocab_size=64, chunk_size=C, seq_len=8)
+    task = RetroTask(cfg, 0, 1, torch.device("cpu"), {"samples_url": out.url, "model_config": model_dict})
+    torch.manual_seed(0)
+    model = task.build_model().eval()
+    calls = []  # (seq, retrieved) of every forward the evaluation makes
+
+    def spy(module, args, kwargs):
+        retrieved = args[1] if len(args) > 1 else kwargs.get("retrieved")
+        calls.append((args[0].clone(), None if retrieved is None else retrieved.clone()))
+
+    hook = model.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            metrics = task.evaluate(model)
+    finally:
+        hook.remove()
+
+    limit = cfg.eval_batches * cfg.batch_size  # the first held-out rows, two batches of four
+    tok = torch.from_numpy(held_tok[:limit].astype(np.int64))
+    ret = torch.from_numpy(held_ret[:limit].astype(np.int64))
+    assert len(calls) == 4  # per batch: one forward with the neighbors, one without
+    seen = torch.cat([c[0] for c in calls[0::2]])
+    assert torch.equal(seen, tok[:, :-1]) and torch.equal(torch.cat([c[0] for c in calls[1::2]]), seen)
+    assert torch.equal(torch.cat([c[1] for c in calls[0::2]]), ret)  # the real neighbors
+    for _, no_retrieval in calls[1::2]:
+        assert no_retrieval is None or bool((no_retrieval == model.pad_id).all()), "a neighbor token reached the model"
+
+    labels = tok[:, 1:]
+    n = int((labels != 0).sum())
+    with torch.no_grad():
+        def loss(r):
+            logits = model(tok[:, :-1], r)
+            return float(torch.nn.functional.cross_entropy(logits.reshape(-1, 64), labels.reshape(-1),
+                                                           ignore_index=0, reduction="sum")) / n
+        want, want_none = loss(ret), loss(torch.zeros_like(ret))
+    assert metrics["eval_tokens"] == n
+    assert metrics["eval_loss"] == pytest.approx(want, rel=1e-5)
+    assert metrics["eval_loss_no_retrieval"] == pytest.approx(want_none, rel=1e-5)
+    assert abs(metrics["eval_loss"] - metrics["eval_loss_no_retrieval"]) > 1e-3  # the ablation changes the loss
