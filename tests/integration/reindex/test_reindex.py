@@ -259,6 +259,7 @@ def test_rerun_is_a_no_op_and_every_repeats(reindexed, capsys):
     assert not (out / "reindex" / "_lock.json").exists() and not (out / "chunks" / "_staging").exists()
 
 
+@pytest.mark.slow
 def test_killed_reindex_leaves_latest_and_the_next_run_resumes(base, reindexed, tmp_path):
     corpus, out = copy_base(base, tmp_path)
     before = latest_bytes(out)

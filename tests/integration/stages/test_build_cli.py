@@ -101,6 +101,7 @@ def _sid(pid: int) -> int | None:
         return None
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_parts(tmp_path, plays, capsys, ray_local):
     from tests.conftest import shakespeare_texts
 

@@ -179,6 +179,7 @@ def test_damaged_and_missing_parts_are_recomputed_only(small_build, tmp_path):
     assert parts[2].stat().st_mtime == untouched_mtime
 
 
+@pytest.mark.slow
 def test_killed_embed_resumes(small_build, tmp_path):
     out = copy_without_embeddings(small_build, tmp_path / "k")
     args = [sys.executable, "-m", "jobs.build_index", "--out", str(out), "--stages", "embed", "--num-cpus", "2",

@@ -244,6 +244,7 @@ print("DONE", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_killed_by_pid_then_resumed(tmp_path):
     import ray
 
