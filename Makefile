@@ -31,8 +31,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 
+# Two pytest-xdist workers, whole files each (module fixtures build once): much of the suite waits on Ray
+# start-up and subprocesses, so two overlap well even on 2 cores.
 test: lint
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf artifacts .pytest_cache

@@ -33,6 +33,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     ray.init(
+        # "local": a new instance even when a `ray start` cluster on this machine left its address in Ray's
+        # temp dir (ray.init() would join it, or fail on a stale one); clusters are joined only when asked
+        address="local",
         num_cpus=num_cpus,
         _node_ip_address=LOOPBACK,
         dashboard_host=LOOPBACK,
