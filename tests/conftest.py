@@ -78,3 +78,21 @@ def play_corpus(tmp_path, plays) -> Path:
     for p in plays:
         shutil.copy(p, d / p.name)
     return d
+
+
+@pytest.fixture(scope="session")
+def published_build(tmp_path_factory, plays, ray_local) -> Path:
+    """One small real build for the session (four play openings, two editions each; ~400 chunks of 16 tokens
+    in four parts, sequences of 64, k=2), made by every stage of jobs.build_index. Tests read it, or write
+    only beside it (``<dir>/build`` is the build; callers add their own folders under ``<dir>``)."""
+    from pipelines.stages.build import run_build
+    from pipelines.stages.build_config import BuildConfig
+
+    d = tmp_path_factory.mktemp("published")
+    corpus = d / "corpus"
+    corpus.mkdir()
+    for p in plays[:4]:
+        (corpus / p.name).write_text(p.read_text()[:6_000])
+    assert run_build(BuildConfig(corpus=[str(corpus)], out=str(d / "build"), chunk_size=16, seq_len=64,
+                                 unit_mb=0.004, concurrency=2, k=2)) == 0
+    return d

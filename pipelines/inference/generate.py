@@ -45,23 +45,11 @@ class ChunkRetriever:
     """Chunk tokens -> k neighbors as (neighbor + continuation) tokens, through the build's encoder and index."""
 
     def __init__(self, data_url: str, k: int = 0):
-        from models.encoder import ChunkEncoder, EncoderConfig
-        from pipelines.artifacts.build_reader import BuildReader
-        from pipelines.artifacts.manifest import require_manifest
-        from pipelines.artifacts.storage import open_location
-        from pipelines.artifacts.versions import open_index, resolve_latest
-        from pipelines.text.tokenizer import resolve_model_path
+        from pipelines.inference.query import BuildSearcher
 
-        self.data = open_location(data_url)
-        self.reader = BuildReader(self.data)
-        emb = require_manifest(self.data, "embeddings", "generation")
-        latest = resolve_latest(self.data)
-        self.k = k or int(latest["k"])
-        self.index = open_index(self.data, latest["index"])
-        cls_id = int(self.reader.tokenizer.get("cls_id", 101))
-        self.encoder = ChunkEncoder(EncoderConfig(resolve_model_path(emb["encoder"]), pooling=emb.get("pooling", "mean"),
-                                                  compute_dtype=emb.get("compute_dtype", "auto"), device="cpu",
-                                                  cls_id=cls_id, pad_id=0))
+        searcher = BuildSearcher(data_url)  # the build's reader, encoder and published index, loaded once
+        self.data, self.reader, self.encoder, self.index = searcher.data, searcher.reader, searcher.encoder, searcher.index
+        self.k = k or int(searcher.latest["k"])
         self.last_ids: Optional[np.ndarray] = None
 
     def __call__(self, chunks: np.ndarray) -> np.ndarray:

@@ -38,19 +38,9 @@ def quick():
 
 
 @pytest.fixture(scope="module")
-def build(tmp_path_factory, plays, ray_local):
-    """~400 chunks in four parts: tokenize, embed, index, neighbors (k=2), once for the module."""
-    from pipelines.stages.build import run_build
-    from pipelines.stages.build_config import BuildConfig
-
-    d = tmp_path_factory.mktemp("retro")
-    corpus = d / "corpus"
-    corpus.mkdir()
-    for p in plays[:4]:
-        (corpus / p.name).write_text(p.read_text()[:6_000])
-    assert run_build(BuildConfig(corpus=[str(corpus)], out=str(d / "build"), chunk_size=CHUNK, seq_len=SEQ,
-                                 unit_mb=0.004, concurrency=2, k=2)) == 0
-    return d
+def build(published_build):
+    """The session's small published build (tests/conftest.py): chunk_size 16, seq_len 64, k 2."""
+    return published_build
 
 
 def test_join_gives_the_artifacts_tokens_and_neighbors(build):

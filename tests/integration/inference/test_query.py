@@ -1,0 +1,112 @@
+"""`python -m jobs.query` on the session's small published build: a text finds the chunk it came from, a chunk id
+shows exactly the stored neighbors, tombstoned chunks never appear, bad input is one error line."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.artifacts.manifest import write_manifest
+from pipelines.artifacts.storage import open_location
+from pipelines.artifacts.tombstones import tombstones_table, write_tombstones_part
+from pipelines.artifacts.versions import NeighborsReader
+from pipelines.text.tokenizer import load_tokenizer
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def query(capsys, *args: str) -> tuple[int, list[str], str]:
+    from jobs.query import main
+
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as e:
+        code = e.code
+    got = capsys.readouterr()
+    return code, [line for line in got.out.splitlines() if line.strip()], got.err
+
+
+def hits(lines: list[str]) -> list[dict]:
+    return [json.loads(line) for line in lines]
+
+
+@pytest.fixture(scope="module")
+def chunks(published_build):
+    t = pq.read_table(str(published_build / "build" / "chunks")).sort_by("chunk_id")
+    docs = pq.read_table(str(published_build / "build" / "docs")).sort_by("doc_id")
+    return (np.asarray(t.column("tokens").to_pylist()), t.column("doc_id").to_numpy(),
+            docs.column("first_chunk_id").to_numpy(), docs.column("source").to_pylist())
+
+
+def decode(tokens) -> str:
+    return load_tokenizer().tokenizer.decode([int(t) for t in tokens if t], skip_special_tokens=True)
+
+
+def test_a_chunks_own_text_finds_it_first(published_build, chunks, capsys):
+    tokens, doc, first, sources = chunks
+    target = int(first[3])  # a document's first chunk: [CLS] + its opening, as a text query is embedded
+    text = decode(tokens[target, :16])
+    code, lines, _ = query(capsys, "--data", str(published_build / "build"), "--text", text, "--k", "4", "--json")
+    assert code == 0
+    got = hits(lines)
+    assert [h["rank"] for h in got] == [1, 2, 3, 4]
+    assert got[0]["text"] == text and got[0]["distance"] < 1e-3  # itself (or a copy of it in the other edition)
+    assert got[0]["source"] == sources[got[0]["doc_id"]] and doc[got[0]["chunk_id"]] == got[0]["doc_id"]
+    assert all(a["distance"] <= b["distance"] for a, b in zip(got, got[1:]))  # best first
+    code, table, _ = query(capsys, "--data", str(published_build / "build"), "--text", text, "--k", "2")
+    assert code == 0 and table[0].startswith("#1  chunk ") and table[1].strip() == text  # the table form
+
+
+def test_chunk_id_shows_the_stored_neighbors(published_build, chunks, capsys):
+    tokens, doc, _, sources = chunks
+    code, lines, _ = query(capsys, "--data", str(published_build / "build"), "--chunk-id", "7", "--json")
+    assert code == 0
+    got = hits(lines)
+    nb, dist = NeighborsReader(str(published_build / "build")).lookup([7])
+    assert got[0]["rank"] == 0 and got[0]["chunk_id"] == 7 and got[0]["text"] == decode(tokens[7, :16])
+    assert [h["chunk_id"] for h in got[1:]] == [int(i) for i in nb[0] if i >= 0]
+    assert [h["distance"] for h in got[1:]] == pytest.approx([float(x) for x, i in zip(dist[0], nb[0]) if i >= 0])
+    assert all(h["source"] == sources[doc[h["chunk_id"]]] for h in got)
+
+
+def test_tombstoned_chunks_never_appear(published_build, chunks, tmp_path, capsys):
+    tokens, doc, first, sources = chunks
+    out = tmp_path / "b"
+    shutil.copytree(published_build / "build", out)
+    target = int(first[3])
+    text = decode(tokens[target, :16])
+    dead = {int(h["doc_id"]) for h in hits(query(capsys, "--data", str(out), "--text", text, "--k", "1", "--json")[1])}
+    loc = open_location(str(out))
+    rows = [(d, int(first[d]), int((doc == d).sum()), sources[d], "removed") for d in sorted(dead)]
+    entry = write_tombstones_part(loc, 0, tombstones_table(*zip(*rows)))
+    write_manifest(loc, "tombstones", stage="reindex", parts=[entry], totals={"documents": len(rows)}, config={})
+    code, lines, _ = query(capsys, "--data", str(out), "--text", text, "--k", "5", "--json")
+    got = hits(lines)
+    assert code == 0 and len(got) == 5 and not {h["doc_id"] for h in got} & dead
+    code, _, err = query(capsys, "--data", str(out), "--chunk-id", str(target))
+    assert code == 2 and "removed by a re-index" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "{tmp}/nothing", "--text", "x"], "chunks/_manifest.json"),
+    (["--data", "{build}", "--chunk-id", "999999"], "is not in this build"),
+    (["--data", "{build}", "--text", "x", "--chunk-id", "3"], "exactly one of --text and --chunk-id"),
+    (["--data", "{build}", "--text", "x", "--k", "0"], "--k must be positive"),
+])
+def test_bad_input_is_one_error_line(published_build, tmp_path, capsys, args, message):
+    argv = [a.replace("{tmp}", str(tmp_path)).replace("{build}", str(published_build / "build")) for a in args]
+    code, _, err = query(capsys, *argv)
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2 and message in lines[-1] and len(lines) <= 2 and "Traceback" not in err, err
+
+
+def test_unpublished_build_is_one_error_line(published_build, tmp_path, capsys):
+    out = tmp_path / "b"
+    shutil.copytree(published_build / "build", out)
+    (out / "LATEST").unlink()
+    code, _, err = query(capsys, "--data", str(out), "--text", "x")
+    assert code == 2 and "no index has been published yet" in err
