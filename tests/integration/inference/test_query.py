@@ -14,6 +14,7 @@ from pipelines.artifacts.storage import open_location
 from pipelines.artifacts.tombstones import tombstones_table, write_tombstones_part
 from pipelines.artifacts.versions import NeighborsReader
 from pipelines.text.tokenizer import load_tokenizer
+from tests.helpers_cli import call_main
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -21,13 +22,8 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 def query(capsys, *args: str) -> tuple[int, list[str], str]:
     from jobs.query import main
 
-    capsys.readouterr()
-    try:
-        code = main(list(args))
-    except SystemExit as e:
-        code = e.code
-    got = capsys.readouterr()
-    return code, [line for line in got.out.splitlines() if line.strip()], got.err
+    code, out, err = call_main(main, capsys, *args)
+    return code, [line for line in out.splitlines() if line.strip()], err
 
 
 def hits(lines: list[str]) -> list[dict]:

@@ -12,6 +12,7 @@ import psutil
 import pytest
 
 from tests.conftest import ROOT
+from tests.helpers_cli import call_main
 
 JOB = [sys.executable, "-m", "jobs.build_index"]
 
@@ -25,13 +26,7 @@ def run_main(capsys, *args: str) -> tuple[int, str, str]:
     """The job's ``main(argv)`` in this process (it joins the session's Ray): (exit code, stdout, stderr)."""
     from jobs.build_index import main
 
-    capsys.readouterr()
-    try:
-        code = main(list(args))
-    except SystemExit as e:
-        code = e.code
-    got = capsys.readouterr()
-    return code, got.out, got.err
+    return call_main(main, capsys, *args)
 
 
 def test_help_explains_every_flag(capsys):
