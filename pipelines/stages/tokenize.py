@@ -148,7 +148,9 @@ def stage_or_load_unit(out: Location, plan: str, unit: WorkUnit, settings: Token
     return staged
 
 
-@ray.remote(num_cpus=1)
+# SPREAD: units are independent, so they go to every node; Ray's default packs short tasks onto the node that
+# submits them while it has a free CPU, which left a cluster's other nodes idle (and all reads on one node)
+@ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
 def tokenize_task(out_url: str, plan: str, settings: TokenizeSettings, unit_json: str) -> dict:
     """Pass 1 as a plain Ray task over one work unit: stages its arrays, returns only its counts.
 
@@ -204,7 +206,7 @@ def finalize_unit(out: Location, plan: str, unit: WorkUnit, doc_offset: int, chu
     return {folder: write_table(out, f"{folder}/{name}", tables[folder]) | {"path": name} for folder in OUTPUT_FOLDERS}
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
 def finalize_task(out_url: str, plan: str, settings: TokenizeSettings, task_json: str) -> dict[str, dict]:
     """Pass 2 as a plain Ray task: a few integers in, four small parts out (cheaper than a dataset)."""
     t = json.loads(task_json)
