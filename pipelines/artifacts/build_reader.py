@@ -1,9 +1,16 @@
-"""Read a build's ``chunks/`` by chunk id, a few parts at a time: how training and generation see a build."""
+"""Read a build's ``chunks/`` by chunk id and ``docs/`` sources by doc id, a few parts at a time: how training,
+generation and queries see a build."""
 from __future__ import annotations
 
 import numpy as np
 
 from pipelines.artifacts.storage import Location, open_location
+
+
+def part_offsets(manifest: dict) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(part paths, rows, first id of each part) of a folder whose ids are dense and written in part order."""
+    rows = np.asarray([int(p["rows"]) for p in manifest["parts"]], dtype=np.int64)
+    return [p["path"] for p in manifest["parts"]], rows, np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64)
 
 
 class BuildReader:
@@ -24,9 +31,7 @@ class BuildReader:
         self.chunk_size = int(m["chunk_size"])
         self.seq_len = int(m["seq_len"])
         self.tokenizer = dict(m.get("tokenizer", {}))
-        self.parts = [p["path"] for p in m["parts"]]
-        self.rows = np.asarray([int(p["rows"]) for p in m["parts"]], dtype=np.int64)
-        self.offsets = np.concatenate([[0], np.cumsum(self.rows)[:-1]]).astype(np.int64)
+        self.parts, self.rows, self.offsets = part_offsets(m)
         self.n_chunks = int(self.rows.sum())
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._cache_parts = max(1, cache_parts)
@@ -87,3 +92,28 @@ class BuildReader:
             local = ids[sel] - self.offsets[p]
             tokens[sel], doc[sel] = t[local], d[local]
         return tokens, doc
+
+
+class DocSources:
+    """``docs/`` source by doc id (doc ids are dense, in part order), reading only the parts the ids fall in."""
+
+    def __init__(self, data: Location):
+        from pipelines.artifacts.manifest import require_manifest
+
+        self.data = data
+        self.parts, _, self.offsets = part_offsets(require_manifest(data, "docs", "queries"))
+        self._cache: dict[int, np.ndarray] = {}
+
+    def __call__(self, doc_ids: np.ndarray) -> list[str]:
+        from pipelines.artifacts.parquet import read_table
+
+        ids = np.asarray(doc_ids, dtype=np.int64).reshape(-1)
+        owner = np.searchsorted(self.offsets, ids, side="right") - 1
+        out = np.empty(len(ids), dtype=object)
+        for p in np.unique(owner).tolist():
+            if p not in self._cache:
+                column = read_table(self.data, f"docs/{self.parts[p]}", columns=["source"]).column("source")
+                self._cache[p] = np.asarray(column.to_pylist(), dtype=object)
+            sel = owner == p
+            out[sel] = self._cache[p][ids[sel] - self.offsets[p]]
+        return out.tolist()

@@ -13,10 +13,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from pipelines.artifacts.build_reader import BuildReader
+from pipelines.artifacts.build_reader import BuildReader, DocSources
 from pipelines.artifacts.manifest import require_manifest
-from pipelines.artifacts.parquet import read_table
-from pipelines.artifacts.storage import Location, open_location
+from pipelines.artifacts.storage import open_location
 from pipelines.artifacts.versions import NeighborsReader, open_index, resolve_latest
 from pipelines.runtime.config import fail, option
 
@@ -52,26 +51,6 @@ class Hit:
     source: str
     distance: float
     text: str
-
-
-class DocSources:
-    """``docs/`` source by doc id, reading only the parts the ids fall in (doc ids are dense, in part order)."""
-
-    def __init__(self, data: Location):
-        m = require_manifest(data, "docs", "queries")
-        self.data, self.parts = data, [p["path"] for p in m["parts"]]
-        rows = np.asarray([int(p["rows"]) for p in m["parts"]], np.int64)
-        self.offsets = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64)
-        self._cache: dict[int, list[str]] = {}
-
-    def __call__(self, doc_ids: np.ndarray) -> list[str]:
-        out = []
-        for d in np.asarray(doc_ids, np.int64).tolist():
-            p = int(np.searchsorted(self.offsets, d, side="right") - 1)
-            if p not in self._cache:
-                self._cache[p] = read_table(self.data, f"docs/{self.parts[p]}", columns=["source"]).column("source").to_pylist()
-            out.append(self._cache[p][d - self.offsets[p]])
-        return out
 
 
 class BuildSearcher:

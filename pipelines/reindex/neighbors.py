@@ -28,13 +28,21 @@ import ray
 from pipelines.artifacts.embeddings import DocBounds, EmbeddingPart, NpyPart, load_embeddings_info, part_rel, read_part_ids
 from pipelines.artifacts.manifest import part_is_valid, part_name, read_manifest, write_manifest
 from pipelines.artifacts.parquet import write_table
-from pipelines.artifacts.storage import Location, exists, open_location, read_bytes, remove_stale_temporaries, write_bytes_atomic
+from pipelines.artifacts.storage import Location, open_location, remove_stale_temporaries, write_bytes_atomic
 from pipelines.artifacts.tombstones import Tombstones
 from pipelines.artifacts.versions import NeighborsReader, fetch_files, open_index, read_faiss
 from pipelines.runtime.procstats import peak_rss_mb
 from pipelines.runtime.ray_session import max_node_cpus
 from pipelines.search.knn import merge_topk, pad_distance, search_neighbors, use_blas_for_batches
-from pipelines.stages.neighbors import MIN_ROWS_PER_ACTOR, QUERY_BLOCK_ROWS, neighbors_table, run_parts, sample_recall
+from pipelines.stages.neighbors import (
+    MIN_ROWS_PER_ACTOR,
+    QUERY_BLOCK_ROWS,
+    committed_part,
+    neighbors_table,
+    run_parts,
+    sample_recall,
+    sidecar_path,
+)
 
 COUNTS = ("rows_new", "rows_researched", "rows_checked", "rows_updated", "rows_dropped")
 
@@ -79,11 +87,9 @@ class ReindexNeighborsWorker:
 
     def part(self, part: EmbeddingPart) -> dict:
         name = part_name(part.index)
-        sidecar = f"{self.folder}/_parts/{name}.json"
-        if exists(self.out, sidecar):  # resume: keep a committed part that still validates
-            entry = json.loads(read_bytes(self.out, sidecar))
-            if part_is_valid(self.out, self.folder, entry) and entry["rows"] == part.rows:
-                return entry | {"kept": True, "peak_rss_mb": peak_rss_mb()}
+        kept = committed_part(self.out, self.folder, name, part.rows)
+        if kept is not None:
+            return kept
         t = time.perf_counter()
         chunk_ids = read_part_ids(self.out, part) if part.rows else np.zeros(0, np.int64)
         k, n = self.k, part.rows
@@ -127,7 +133,7 @@ class ReindexNeighborsWorker:
         entry = write_table(self.out, f"{self.folder}/{name}", neighbors_table(chunk_ids, ids, dist))
         entry = entry | {"path": name, "first_chunk_id": part.offset,
                          "pad_rows": int(((ids < 0).any(1) & ~dead).sum()), "short_rows": 0, **counts}
-        write_bytes_atomic(self.out, sidecar, json.dumps(entry).encode())
+        write_bytes_atomic(self.out, sidecar_path(self.folder, name), json.dumps(entry).encode())
         return entry | {"kept": False, "seconds": round(time.perf_counter() - t, 3), "peak_rss_mb": peak_rss_mb()}
 
     def run(self, part: dict) -> dict:

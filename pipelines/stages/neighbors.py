@@ -78,11 +78,9 @@ class NeighborsWorker:
 
     def part(self, part: EmbeddingPart) -> dict:
         name = part_name(part.index)
-        sidecar = f"{self.folder}/_parts/{name}.json"
-        if exists(self.out, sidecar):  # resume: keep a committed part that still validates
-            entry = json.loads(read_bytes(self.out, sidecar))
-            if part_is_valid(self.out, self.folder, entry) and entry["rows"] == part.rows:
-                return entry | {"kept": True, "peak_rss_mb": peak_rss_mb()}
+        kept = committed_part(self.out, self.folder, name, part.rows)
+        if kept is not None:
+            return kept
         t, cpu = time.perf_counter(), time.process_time()
         chunk_ids = read_part_ids(self.out, part)
         npy = NpyPart(self.out, part_rel(part))
@@ -98,7 +96,7 @@ class NeighborsWorker:
         entry = write_table(self.out, f"{self.folder}/{name}", neighbors_table(chunk_ids, ids, dist))
         entry = entry | {"path": name, "first_chunk_id": part.offset, "pad_rows": int((ids < 0).any(1).sum()),
                          "short_rows": int(short.sum())}
-        write_bytes_atomic(self.out, sidecar, json.dumps(entry).encode())
+        write_bytes_atomic(self.out, sidecar_path(self.folder, name), json.dumps(entry).encode())
         return entry | {"kept": False, "seconds": round(time.perf_counter() - t, 3), "peak_rss_mb": peak_rss_mb(),
                         "cpu_seconds": round(time.process_time() - cpu, 3)}
 
@@ -182,6 +180,22 @@ def _newest_index_for(out: Location, embeddings_fp: str) -> str:
             return v
     raise FileNotFoundError(f"no complete index version under {out.url_of('index')} was built from the current "
                             "embeddings: run the index stage first")
+
+
+def sidecar_path(folder: str, name: str) -> str:
+    """Where a committed part's manifest entry waits for the version's manifest (what a resumed run keeps)."""
+    return f"{folder}/_parts/{name}.json"
+
+
+def committed_part(out: Location, folder: str, name: str, rows: int) -> dict | None:
+    """Resume: the manifest entry of part ``name`` when an earlier run committed it and it still validates."""
+    sidecar = sidecar_path(folder, name)
+    if not exists(out, sidecar):
+        return None
+    entry = json.loads(read_bytes(out, sidecar))
+    if part_is_valid(out, folder, entry) and entry["rows"] == rows:
+        return entry | {"kept": True, "peak_rss_mb": peak_rss_mb()}
+    return None
 
 
 def sample_recall(out: Location, folder: str, index_folder: str, entries: list[dict], k: int) -> float | None:
