@@ -87,7 +87,7 @@ class NpyPart:
     """Row access to one ``.npy`` file on any fsspec filesystem (header parsed once)."""
 
     def __init__(self, out: Location, rel: str):
-        self.fs, self.path = out.fs, out.path(rel)
+        self.fs, self.path, self.is_local = out.fs, out.path(rel), out.is_local
         with self.fs.open(self.path, "rb") as f:
             version = np.lib.format.read_magic(f)
             if version == (1, 0):
@@ -121,6 +121,11 @@ class NpyPart:
         local_rows = np.asarray(local_rows, dtype=np.int64)
         out = np.empty((len(local_rows), self.dim), dtype=np.float32)
         if len(local_rows) == 0:
+            return out
+        if self.is_local:  # the page cache serves any pattern; only the touched pages are read
+            mapped = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.header_bytes,
+                               shape=(self.rows, self.dim))
+            out[:] = mapped[local_rows]
             return out
         if len(local_rows) * 64 < self.rows:  # sparse: one small read per row
             with self.fs.open(self.path, "rb") as f:

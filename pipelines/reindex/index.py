@@ -37,6 +37,7 @@ from pipelines.reindex.state import UPDATABLE, updatable
 from pipelines.runtime.procstats import peak_rss_mb
 from pipelines.search.faiss_index import IndexSettings, faiss_metric, train_size, write_index_file
 from pipelines.search.knn import ivf_of, use_blas_for_batches
+from pipelines.search.rerank import ExactVectors
 from pipelines.search.tuning import RecallSample, tune
 
 ADD_BLOCK_ROWS = 65536
@@ -107,7 +108,8 @@ def _finish(job: IndexJob, out: Location, index, delta, sample: RecallSample, ke
             **counts) -> dict:
     """Tune on the fresh sample, check recall, write the index file(s); returns what the driver records."""
     t = time.perf_counter()
-    param, chosen, tried = tune(index, key, sample, job.settings)
+    param, chosen, tried = tune(index, key, sample, job.settings,
+                                exact=ExactVectors(out, load_embeddings_info(out, needed_by="the re-index job")))
     tune_seconds = time.perf_counter() - t
     result = {"index_param": param, "chosen": chosen, "tried": tried, "ntotal": int(index.ntotal),
               "tune_seconds": round(tune_seconds, 3), "peak_rss_mb": peak_rss_mb(), **counts}
@@ -212,7 +214,7 @@ def write_version(out: Location, job: IndexJob, result: dict, sample: RecallSamp
         "index_key": job.index_key, "index_param": result["index_param"], "metric": job.metric, "layout": "single",
         "index_files": ["knn.index"], "mode": "single", "ntotal": result["ntotal"], "dim": job.dim,
         "size_bytes": size, "k": k, "recall_at_k": chosen["recall"], "neighbor_recall_at_k": chosen["neighbor_recall"],
-        "recall_sample": len(sample.ids), "query_ms": chosen["ms_per_query"],
+        "recall_sample": len(sample.ids), "query_ms": chosen["ms_per_query"], "rerank_candidates": chosen["rerank"],
         "max_query_ms": job.settings.max_query_ms, "target_recall": job.settings.target_recall,
         "extra_neighbors": extra_neighbors, "tuning": result["tried"], "build_seconds": result.get("build_seconds", 0),
         "tune_seconds": result["tune_seconds"], "peak_rss_mb": {"index_task": result["peak_rss_mb"]},
@@ -229,4 +231,4 @@ def write_version(out: Location, job: IndexJob, result: dict, sample: RecallSamp
                                  "index_files": ["knn.index"], "mode": "single", "k": k,
                                  "extra_neighbors": extra_neighbors, "recall_at_k": chosen["recall"],
                                  "neighbor_recall_at_k": chosen["neighbor_recall"], "query_ms": chosen["ms_per_query"],
-                                 "settings": asdict(job.settings), "reindex": reindex})
+                                 "rerank_candidates": chosen["rerank"], "settings": asdict(job.settings), "reindex": reindex})

@@ -34,15 +34,9 @@ from pipelines.artifacts.versions import NeighborsReader, fetch_files, open_inde
 from pipelines.runtime.procstats import peak_rss_mb
 from pipelines.runtime.ray_session import max_node_cpus
 from pipelines.search.knn import merge_topk, pad_distance, search_neighbors, use_blas_for_batches
-from pipelines.stages.neighbors import (
-    MIN_ROWS_PER_ACTOR,
-    QUERY_BLOCK_ROWS,
-    committed_part,
-    neighbors_table,
-    run_parts,
-    sample_recall,
-    sidecar_path,
-)
+from pipelines.search.rerank import ExactVectors
+from pipelines.stages.neighbors import MIN_ROWS_PER_ACTOR, QUERY_BLOCK_ROWS, run_parts
+from pipelines.stages.neighbors_parts import committed_part, neighbors_table, sample_recall, sidecar_path
 
 COUNTS = ("rows_new", "rows_researched", "rows_checked", "rows_updated", "rows_dropped")
 
@@ -75,6 +69,8 @@ class ReindexNeighborsWorker:
             entries = [e for e in m["parts"] if e["path"] == "delta.index"]
             local = fetch_files(self.out, f"index/{index_version}", entries)
             self.delta = read_faiss(os.path.join(local, "delta.index"), mmap=False)
+        self.rerank = int(m.get("rerank_candidates", 0))
+        self.exact = ExactVectors(self.out, load_embeddings_info(self.out)) if self.rerank else None
         self.bounds = DocBounds.load(self.out, chunks_total)
         self.tomb = Tombstones.load(self.out, tombstone_parts)
         self.stored = None if full else NeighborsReader(self.out, base_neighbors)
@@ -82,7 +78,8 @@ class ReindexNeighborsWorker:
 
     def _search(self, index, x, q, k, extra):
         lo, hi = self.bounds.range_of(q)
-        ids, dist, _ = search_neighbors(index, x, q, lo, hi, k=k, extra=extra, metric=self.metric)
+        ids, dist, _ = search_neighbors(index, x, q, lo, hi, k=k, extra=extra, metric=self.metric, exact=self.exact,
+                                        rerank=self.rerank)
         return ids, dist
 
     def part(self, part: EmbeddingPart) -> dict:

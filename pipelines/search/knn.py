@@ -112,7 +112,8 @@ def batched_search(index, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray
 
 
 def search_neighbors(index, x: np.ndarray, query_ids: np.ndarray, lo: np.ndarray, hi: np.ndarray, *, k: int,
-                     extra: int, metric: str, candidates: list | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     extra: int, metric: str, candidates: list | None = None, exact=None,
+                     rerank: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """k filtered neighbors per query row; returns (ids, distances, rows_short mask).
 
     One batched search for k + extra + 1 candidates serves most rows. Rows the filter leaves
@@ -120,12 +121,20 @@ def search_neighbors(index, x: np.ndarray, query_ids: np.ndarray, lo: np.ndarray
     k + document length + 1 candidates (enough by construction); otherwise, and for documents too
     long for that, per document with the document excluded at search time by an ID selector, with
     1x, 4x, then 16x the probes (IVF nprobe / HNSW efSearch).
+    ``exact`` (a :class:`pipelines.search.rerank.ExactVectors`) re-ranks every search's candidates
+    with exact distances; the index is then asked for at least ``rerank`` candidates per row.
     ``candidates`` (a list) receives the unfiltered first-pass ids, for measuring the index alone."""
     ntotal = int(index.ntotal)
-    fetch = max(1, min(k + extra + 1, ntotal))
+    wanted = k + extra + 1 if exact is None else max(k + extra + 1, rerank)
+
+    def ranked(xq: np.ndarray, d: np.ndarray, i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return (d, i) if exact is None else exact.rescore(xq, i, metric)
+
+    fetch = max(1, min(wanted, ntotal))
     cand_d, cand_i = batched_search(index, x, fetch)
     if candidates is not None:
         candidates.append(cand_i)
+    cand_d, cand_i = ranked(x, cand_d, cand_i)
     ids, dist, n_valid = filter_candidates(cand_i, cand_d, query_ids, lo, hi, k, metric)
     short = n_valid < k
     if fetch >= ntotal:  # every vector was a candidate: nothing more to find
@@ -137,8 +146,8 @@ def search_neighbors(index, x: np.ndarray, query_ids: np.ndarray, lo: np.ndarray
         rows = np.nonzero(short)[0]
         rows = rows[(hi[rows] - lo[rows]) + k + 1 <= EXACT_REFETCH_MAX]
         if len(rows):
-            wide = int(min(ntotal, (hi[rows] - lo[rows]).max() + k + 1))
-            d2, i2 = index.search(x[rows], wide)
+            wide = int(min(ntotal, (hi[rows] - lo[rows]).max() + wanted))
+            d2, i2 = ranked(x[rows], *index.search(x[rows], wide))
             ids[rows], dist[rows], n_valid[rows] = filter_candidates(i2, d2, query_ids[rows], lo[rows], hi[rows], k, metric)
             short = n_valid < k
     boost = 1
@@ -148,7 +157,9 @@ def search_neighbors(index, x: np.ndarray, query_ids: np.ndarray, lo: np.ndarray
         rows = np.nonzero(short)[0]
         for doc_lo in np.unique(lo[rows]).tolist():
             grp = rows[lo[rows] == doc_lo]
-            d2, i2 = search_excluding(index, x[grp], k, doc_lo, int(hi[grp[0]]), boost, metric)
+            d2, i2 = search_excluding(index, x[grp], k if exact is None else fetch, doc_lo, int(hi[grp[0]]), boost, metric)
+            d2, i2 = ranked(x[grp], d2, i2)
+            d2, i2 = d2[:, :k], i2[:, :k]
             nv2 = (i2 >= 0).sum(1)
             better = nv2 > n_valid[grp]
             upd = grp[better]

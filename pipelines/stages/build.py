@@ -57,7 +57,7 @@ def _neighbors(cfg: BuildConfig, out: Location, corpus: list[str], concurrency: 
     from pipelines.stages.neighbors import run_neighbors
 
     return run_neighbors(out=out, k=cfg.k, extra_neighbors=cfg.extra_neighbors, concurrency=concurrency,
-                         config=config_to_dict(cfg))
+                         search=cfg.neighbors_search, shard_memory=cfg.shard_memory, config=config_to_dict(cfg))
 
 
 STAGES: dict[str, Callable] = {"tokenize": _tokenize, "embed": _embed, "index": _index, "neighbors": _neighbors}

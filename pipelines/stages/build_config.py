@@ -5,6 +5,7 @@ import os
 from dataclasses import dataclass
 
 from pipelines.runtime.config import option
+from pipelines.search.routing import check_search_mode
 
 ALL_STAGES = ("tokenize", "embed", "index", "neighbors")
 DEMO_OUT = "./artifacts/demo"
@@ -50,6 +51,12 @@ class BuildConfig:
     distributed: bool = option(False, "force the distributed index build (sampled training, parallel adds, merge)")
     k: int = option(2, "neighbors stored per chunk")
     extra_neighbors: int = option(10, "extra candidates asked of the index so that self/same-document filtering still fills k")
+    neighbors_search: str = option("auto", "how the neighbors stage searches: 'index' (every worker holds the whole index; "
+                                           "a lossy key's candidates are re-ranked with the stored embeddings), 'routed' "
+                                           "(each worker holds one shard of the IVF lists with their exact vectors, at most "
+                                           "--shard-memory; queries are routed to the shards they probe), or 'auto' "
+                                           "(routed when the index is IVF and the vectors exceed --shard-memory)")
+    shard_memory: str = option("2G", "bytes of exact vectors one routed-search worker holds (e.g. 2G, 512M)")
     ray_address: str = option("", "Ray cluster address; default: RAY_ADDRESS, else a local instance on 127.0.0.1")
     num_cpus: int = option(0, "CPUs for a local Ray instance; 0 = all of this machine's")
 
@@ -74,6 +81,7 @@ class BuildConfig:
             raise ValueError(f"--metric must be l2 or ip, got {self.metric!r}")
         if self.k <= 0 or self.extra_neighbors < 0 or self.single_node_max_vectors <= 0 or self.max_query_ms <= 0:
             raise ValueError("--k, --single-node-max-vectors and --max-query-ms must be positive, --extra-neighbors not negative")
+        check_search_mode(self.neighbors_search, self.shard_memory)
         unknown = [s for s in self.stage_list if s not in ALL_STAGES]
         if unknown:
             raise ValueError(f"unknown stage(s) {', '.join(unknown)}; known: {', '.join(ALL_STAGES)}")

@@ -53,6 +53,7 @@ from pipelines.search.faiss_index import (
     write_index_file,
 )
 from pipelines.search.knn import use_blas_for_batches
+from pipelines.search.rerank import ExactVectors
 from pipelines.search.tuning import compute_recall_sample, evaluate, tune
 
 APPROX_WORTH_S = 20.0  # exact neighbors for every chunk cheaper than this (CPU-seconds): no approximate index
@@ -88,7 +89,8 @@ def build_and_tune_single(out: Location, info: EmbeddingsInfo, bounds: DocBounds
     index = build_single_node(out, info, key, settings.metric, seed)
     build_seconds += time.perf_counter() - t
     t = time.perf_counter()
-    param, chosen, more = tune(index, key, sample, settings, ms_cap=flat_ev["ms_per_query"] if flat_ev else None)
+    param, chosen, more = tune(index, key, sample, settings, ms_cap=flat_ev["ms_per_query"] if flat_ev else None,
+                               exact=ExactVectors(out, info))
     tune_seconds += time.perf_counter() - t + sample_seconds
     tried += more
     if flat_ev is not None:
@@ -212,7 +214,7 @@ def run_index(*, out: Location, index_key: str = "", max_index_memory: str = "4G
         build_seconds = time.perf_counter() - t
         t = time.perf_counter()
         sample = compute_recall_sample(out, info, bounds, settings, fp, use_ray=True, concurrency=concurrency)
-        param, chosen, tried, ntotal, peaks["tune_task"] = tune_remote(out, folder, layout, files, info.dim, key,
+        param, chosen, tried, ntotal, peaks["tune_task"] = tune_remote(out, folder, layout, files, info, key,
                                                                        sample, settings)
         tune_seconds = time.perf_counter() - t
     if ntotal != info.n:
@@ -227,6 +229,7 @@ def run_index(*, out: Location, index_key: str = "", max_index_memory: str = "4G
         "mode": mode, "ntotal": ntotal, "dim": info.dim, "size_bytes": size, "k": k,
         "recall_at_k": chosen["recall"], "neighbor_recall_at_k": chosen["neighbor_recall"],
         "recall_sample": len(sample.ids), "query_ms": chosen["ms_per_query"], "max_query_ms": max_query_ms,
+        "rerank_candidates": chosen["rerank"],
         "target_recall": target_recall, "extra_neighbors": extra_neighbors, "tuning": tried,
         "build_seconds": round(build_seconds, 3), "tune_seconds": round(tune_seconds, 3),
         "build_cpu_seconds": round(build_cpu, 3), "peak_rss_mb": peaks,
@@ -242,6 +245,7 @@ def run_index(*, out: Location, index_key: str = "", max_index_memory: str = "4G
                    extra={"fingerprint": fp, "embeddings_fingerprint": info.fingerprint, "docs_fingerprint": bounds.fingerprint,
                           "index_key": key, "index_param": param, "metric": metric, "layout": layout,
                           "index_files": files, "mode": mode, "k": k, "extra_neighbors": extra_neighbors,
+                          "rerank_candidates": chosen["rerank"],
                           "recall_at_k": chosen["recall"],
                           "neighbor_recall_at_k": chosen["neighbor_recall"], "query_ms": chosen["ms_per_query"]})
     return IndexSummary(version, key, param, mode, layout, info.n, ntotal, size, chosen["recall"],

@@ -31,6 +31,7 @@ from pipelines.runtime.procstats import peak_rss_mb
 from pipelines.runtime.ray_session import bounded_as_completed, max_node_cpus
 from pipelines.search.faiss_index import faiss_metric, train_size, write_index_file
 from pipelines.search.knn import ivf_of, use_blas_for_batches
+from pipelines.search.rerank import ExactVectors
 from pipelines.search.tuning import tune
 
 ADD_BLOCK_ROWS = 65536
@@ -218,18 +219,19 @@ def build_distributed(out: Location, info: EmbeddingsInfo, folder: str, key: str
 
 
 @ray.remote(num_cpus=1)
-def tune_task(out_url: str, folder: str, layout: str, files: list[str], dim: int, key: str, sample, settings):
-
+def tune_task(out_url: str, folder: str, layout: str, files: list[str], info: EmbeddingsInfo, key: str, sample,
+              settings):
     _set_threads(1)
     use_blas_for_batches()
     out = open_location(out_url)
     with tempfile.TemporaryDirectory() as d:
         local = fetch_files(out, folder, [{"path": f} for f in files], cache_dir=d)
-        index = load_index_files(local, layout, files, dim)
-        param, chosen, tried = tune(index, key, sample, settings)
+        index = load_index_files(local, layout, files, info.dim)
+        param, chosen, tried = tune(index, key, sample, settings, exact=ExactVectors(out, info))
         return param, chosen, tried, int(index.ntotal), peak_rss_mb()
 
 
-def tune_remote(out: Location, folder: str, layout: str, files: list[str], dim: int, key: str, sample, settings):
-    """Tune search parameters where the index files are, not on the driver."""
-    return ray.get(tune_task.remote(out.url, folder, layout, files, dim, key, sample, settings))
+def tune_remote(out: Location, folder: str, layout: str, files: list[str], info: EmbeddingsInfo, key: str, sample,
+                settings):
+    """Tune search parameters (and re-ranking, for a lossy key) where the index files are, not on the driver."""
+    return ray.get(tune_task.remote(out.url, folder, layout, files, info, key, sample, settings))

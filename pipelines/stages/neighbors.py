@@ -12,20 +12,16 @@ Publishing: when every part validates (one row per chunk), the manifest is writt
 """
 from __future__ import annotations
 
-import io
-import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow as pa
 import ray
 
 from pipelines.artifacts.embeddings import DocBounds, EmbeddingPart, NpyPart, load_embeddings_info, part_rel, read_part_ids
 from pipelines.artifacts.manifest import part_is_valid, part_name, read_manifest, write_manifest
-from pipelines.artifacts.parquet import write_table
-from pipelines.artifacts.storage import Location, exists, open_location, read_bytes, remove_stale_temporaries, write_bytes_atomic
+from pipelines.artifacts.storage import Location, exists, open_location, remove_stale_temporaries, remove_tree
 from pipelines.artifacts.versions import (
     LATEST,
     complete_versions,
@@ -39,23 +35,15 @@ from pipelines.artifacts.versions import (
 )
 from pipelines.runtime.procstats import peak_rss_mb
 from pipelines.runtime.ray_session import max_node_cpus
-from pipelines.search.knn import recall_at_k, search_neighbors, use_blas_for_batches
+from pipelines.search.knn import search_neighbors, use_blas_for_batches
+from pipelines.search.rerank import ExactVectors
+from pipelines.search.routing import check_search_mode
+from pipelines.stages.neighbors_parts import commit_part, committed_part, sample_recall
+from pipelines.stages.neighbors_routed import WORK as ROUTED_WORK
+from pipelines.stages.neighbors_routed import run_routed, wants_routed
 
 QUERY_BLOCK_ROWS = 8192
 MIN_ROWS_PER_ACTOR = 50_000  # fewer rows per actor cost more in process start-up than they save
-
-
-def neighbors_schema() -> pa.Schema:
-    return pa.schema([("chunk_id", pa.int64()), ("neighbors", pa.list_(pa.int64())), ("distances", pa.list_(pa.float32()))])
-
-
-def neighbors_table(chunk_ids: np.ndarray, ids: np.ndarray, dist: np.ndarray) -> pa.Table:
-    n, k = ids.shape
-    offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
-    return pa.Table.from_arrays([pa.array(chunk_ids.astype(np.int64)),
-                                 pa.ListArray.from_arrays(offsets, pa.array(ids.reshape(-1).astype(np.int64))),
-                                 pa.ListArray.from_arrays(offsets, pa.array(dist.reshape(-1).astype(np.float32)))],
-                                schema=neighbors_schema())
 
 
 class NeighborsWorker:
@@ -64,7 +52,7 @@ class NeighborsWorker:
     costs seconds, as much as the whole search at 20k chunks.)"""
 
     def __init__(self, out_url: str, index_version: str, folder: str, k: int, extra: int,
-                 metric: str, threads: int):
+                 metric: str, threads: int, rerank: int = 0):
         import faiss
 
         faiss.omp_set_num_threads(max(1, threads))
@@ -74,6 +62,8 @@ class NeighborsWorker:
         self.index = open_index(self.out, index_version, mmap=True)
         self.bounds = DocBounds.load(self.out, int(self.index.ntotal))
         self.folder, self.k, self.extra, self.metric = folder, k, extra, metric
+        self.rerank = rerank
+        self.exact = ExactVectors(self.out, load_embeddings_info(self.out)) if rerank else None
         self.setup_seconds = time.perf_counter() - t
 
     def part(self, part: EmbeddingPart) -> dict:
@@ -92,11 +82,8 @@ class NeighborsWorker:
             lo, hi = self.bounds.range_of(q)
             sl = slice(start, start + len(block))
             ids[sl], dist[sl], short[sl] = search_neighbors(self.index, block, q, lo, hi, k=self.k, extra=self.extra,
-                                                            metric=self.metric)
-        entry = write_table(self.out, f"{self.folder}/{name}", neighbors_table(chunk_ids, ids, dist))
-        entry = entry | {"path": name, "first_chunk_id": part.offset, "pad_rows": int((ids < 0).any(1).sum()),
-                         "short_rows": int(short.sum())}
-        write_bytes_atomic(self.out, sidecar_path(self.folder, name), json.dumps(entry).encode())
+                                                            metric=self.metric, exact=self.exact, rerank=self.rerank)
+        entry = commit_part(self.out, self.folder, part, chunk_ids, ids, dist, short)
         return entry | {"kept": False, "seconds": round(time.perf_counter() - t, 3), "peak_rss_mb": peak_rss_mb(),
                         "cpu_seconds": round(time.process_time() - cpu, 3)}
 
@@ -156,7 +143,8 @@ class NeighborsSummary:
     cpus_per_actor: int = 0
     worker_seconds: float = 0.0
     actor_peak_rss_mb: float = 0.0
-    cpu_seconds: float = 0.0  # CPU time of the actors searching (all their threads)
+    cpu_seconds: float = 0.0  # CPU time of the workers searching (all their threads)
+    search: dict = field(default_factory=dict)  # how: index (candidates, re-rank) or routed (shards, copies)
 
     def lines(self) -> list[str]:
         if self.up_to_date:
@@ -164,13 +152,20 @@ class NeighborsSummary:
                     f"k={self.k}); LATEST {'updated' if self.published else 'unchanged'}"]
         rate = self.chunks / self.seconds if self.seconds > 0 else 0.0
         recall = "n/a" if self.recall_at_k is None else f"{self.recall_at_k:.3f}"
+        if self.search.get("search") == "routed":
+            how = (f"routed over {self.search['shards']} shard(s) of <= {self.search['shard_bytes_max'] / 2**20:,.1f} MiB, "
+                   f"{self.search['query_copies'] / max(self.chunks, 1):.2f} shard visits per chunk")
+        else:
+            how = (f"{self.actors} actor(s) x {self.cpus_per_actor} CPU, {self.search.get('candidates', 0)} candidates "
+                   f"per chunk" + (" re-ranked exactly" if self.search.get("rerank_candidates") else ""))
         return [
             f"neighbors: {self.version} from index {self.index_version}: {self.chunks} chunks in, {self.chunks} rows out "
             f"(k={self.k}), {self.rows_with_pads} rows with -1 pads; {self.parts} parts "
             f"({self.parts_kept} kept from an earlier run)",
-            f"neighbors: recall@{self.k} {recall} vs exact search on the index's sample; {self.seconds:.1f} s "
-            f"({rate:,.0f} chunks/s, {self.actors} actor(s) x {self.cpus_per_actor} CPU, peak {self.actor_peak_rss_mb:,.0f} "
-            f"MiB each); LATEST -> index {self.index_version}, neighbors {self.version}",
+            f"neighbors: recall@{self.k} {recall} of the stored neighbors vs exact search (held-out sample); "
+            f"{self.seconds:.1f} s ({rate:,.0f} chunks/s; {1000 * self.cpu_seconds / max(self.chunks, 1):.3f} CPU-ms per "
+            f"chunk; {how}; peak {self.actor_peak_rss_mb:,.0f} MiB per worker); LATEST -> index {self.index_version}, "
+            f"neighbors {self.version}",
         ]
 
 
@@ -180,44 +175,6 @@ def _newest_index_for(out: Location, embeddings_fp: str) -> str:
             return v
     raise FileNotFoundError(f"no complete index version under {out.url_of('index')} was built from the current "
                             "embeddings: run the index stage first")
-
-
-def sidecar_path(folder: str, name: str) -> str:
-    """Where a committed part's manifest entry waits for the version's manifest (what a resumed run keeps)."""
-    return f"{folder}/_parts/{name}.json"
-
-
-def committed_part(out: Location, folder: str, name: str, rows: int) -> dict | None:
-    """Resume: the manifest entry of part ``name`` when an earlier run committed it and it still validates."""
-    sidecar = sidecar_path(folder, name)
-    if not exists(out, sidecar):
-        return None
-    entry = json.loads(read_bytes(out, sidecar))
-    if part_is_valid(out, folder, entry) and entry["rows"] == rows:
-        return entry | {"kept": True, "peak_rss_mb": peak_rss_mb()}
-    return None
-
-
-def sample_recall(out: Location, folder: str, index_folder: str, entries: list[dict], k: int) -> float | None:
-    """Recall of the written neighbors on the index version's exact-search sample."""
-    rel = f"{index_folder}/recall_sample.npz"
-    if not exists(out, rel):
-        return None
-    with np.load(io.BytesIO(read_bytes(out, rel))) as z:
-        ids, gt_ids, gt_scores = z["ids"], z["filtered_ids"], z["filtered_scores"]
-    if gt_ids.shape[1] < k:
-        return None
-    first = np.asarray([e["first_chunk_id"] for e in entries], dtype=np.int64)
-    owner = np.searchsorted(first, ids, side="right") - 1
-    found = np.empty((len(ids), k), np.int64)
-    from pipelines.artifacts.parquet import read_table
-
-    for p in np.unique(owner).tolist():
-        t = read_table(out, f"{folder}/{entries[p]['path']}", columns=["neighbors"])
-        nb = t.column(0).combine_chunks().flatten().to_numpy().reshape(-1, k)
-        sel = owner == p
-        found[sel] = nb[ids[sel] - first[p]]
-    return recall_at_k(found, gt_ids, gt_scores, k)
 
 
 def _publish(out: Location, index_version: str, version: str, index_manifest: dict, k: int) -> bool:
@@ -232,7 +189,7 @@ def _publish(out: Location, index_version: str, version: str, index_manifest: di
 
 
 def run_neighbors(*, out: Location, index_version: str | None = None, k: int = 2, extra_neighbors: int = 10,
-                  concurrency: int = 0, publish: bool = True,
+                  concurrency: int = 0, publish: bool = True, search: str = "auto", shard_memory: str = "2G",
                   config: dict | None = None) -> NeighborsSummary:
     """Compute (or resume, or find) the neighbors of every chunk and publish them with their index.
 
@@ -250,8 +207,10 @@ def run_neighbors(*, out: Location, index_version: str | None = None, k: int = 2
     if im["embeddings_fingerprint"] != info.fingerprint or im["totals"]["ntotal"] != info.n:
         raise ValueError(f"index {index_version} was built from other embeddings than {out.url_of('embeddings')}: "
                          "rerun the index stage")
+    check_search_mode(search, shard_memory)
+    routed = wants_routed(search, im, info, shard_memory)
     fp = fingerprint_of({"index": im["fingerprint"], "index_version": index_version, "k": k,
-                         "extra": extra_neighbors})
+                         "extra": extra_neighbors} | ({"search": "routed"} if routed else {}))
 
     done = find_complete(out, "neighbors", fp)
     if done:
@@ -266,18 +225,32 @@ def run_neighbors(*, out: Location, index_version: str | None = None, k: int = 2
     remove_stale_temporaries(out, folder)
 
     parts = list(info.parts)
-    cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
-    n_actors = max(1, min(concurrency or cluster_cpus, len(parts), math.ceil(info.n / MIN_ROWS_PER_ACTOR)))
-    cpus = max(1, min(cluster_cpus // n_actors, max_node_cpus()))
-    entries = run_parts(out.url, parts, n_actors=n_actors, cpus=cpus, index_version=index_version, folder=folder,
-                        k=k, extra=extra_neighbors, metric=im["metric"])
+    if routed:
+        run = run_routed(out, info, folder=folder, index_version=index_version, index_param=im.get("index_param", ""),
+                         k=k, metric=im["metric"], shard_memory=shard_memory,
+                         concurrency=concurrency or max(1, int(ray.cluster_resources().get("CPU", 1))))
+        entries, n_actors, cpus, busy = run.entries, 0, 1, 0.0
+        cpu_s, peak = run.cpu_seconds, max(run.peak_rss_mb.values())
+        how = {"search": "routed", "shards": run.shards, "shard_bytes_max": run.shard_bytes_max,
+               "query_copies": run.query_copies, "peak_rss_mb": run.peak_rss_mb}
+    else:
+        cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
+        n_actors = max(1, min(concurrency or cluster_cpus, len(parts), math.ceil(info.n / MIN_ROWS_PER_ACTOR)))
+        cpus = max(1, min(cluster_cpus // n_actors, max_node_cpus()))
+        rerank = int(im.get("rerank_candidates", 0))
+        entries = run_parts(out.url, parts, n_actors=n_actors, cpus=cpus, index_version=index_version, folder=folder,
+                            k=k, extra=extra_neighbors, metric=im["metric"], rerank=rerank)
+        busy = sum(e.pop("seconds", 0.0) for e in entries)
+        peak = max(e.pop("peak_rss_mb", 0.0) for e in entries)
+        cpu_s = sum(e.pop("cpu_seconds", 0.0) for e in entries)
+        how = {"search": "index", "candidates": max(k + extra_neighbors + 1, rerank), "rerank_candidates": rerank,
+               "peak_rss_mb": {"neighbors_actor": peak}}
+        print(f"neighbors: {sum(1 for e in entries if not e['kept'])} parts searched in {busy:.1f} worker-seconds by "
+              f"{n_actors} actor(s) of {cpus} CPU(s); actor peak memory {peak:,.0f} MiB", flush=True)
     entries.sort(key=lambda e: e["first_chunk_id"])
     kept = sum(1 for e in entries if e.pop("kept"))
-    busy = sum(e.pop("seconds", 0.0) for e in entries)
-    peak = max(e.pop("peak_rss_mb", 0.0) for e in entries)
-    cpu_s = sum(e.pop("cpu_seconds", 0.0) for e in entries)
-    print(f"neighbors: {len(entries) - kept} parts searched in {busy:.1f} worker-seconds by {n_actors} actor(s) "
-          f"of {cpus} CPU(s); {kept} kept; actor peak memory {peak:,.0f} MiB", flush=True)
+    for e in entries:
+        e.pop("peak_rss_mb", None)
 
     # validate before publishing: one part per embeddings part, one row per chunk, all committed
     if [e["first_chunk_id"] for e in entries] != [p.offset for p in parts] or \
@@ -291,11 +264,13 @@ def run_neighbors(*, out: Location, index_version: str | None = None, k: int = 2
                            "rows_short_after_retries": sum(e["short_rows"] for e in entries)},
                    config=config or {"k": k, "extra_neighbors": extra_neighbors},
                    extra={"fingerprint": fp, "index_version": index_version, "metric": im["metric"],
-                          "recall_at_k": recall})
+                          "recall_at_k": recall, "cpu_seconds": round(cpu_s, 3),
+                          "cpu_ms_per_chunk": round(1000 * cpu_s / max(info.n, 1), 4), **how})
+    remove_tree(out, f"{folder}/{ROUTED_WORK}")
     published = _publish(out, index_version, version, im, k) if publish else False
     return NeighborsSummary(version, index_version, info.n, k, pads, len(parts), kept, recall,
                             time.perf_counter() - start, published, actors=n_actors, cpus_per_actor=cpus,
-                            worker_seconds=busy, actor_peak_rss_mb=peak, cpu_seconds=cpu_s)
+                            worker_seconds=busy, actor_peak_rss_mb=peak, cpu_seconds=cpu_s, search=how)
 
 
 @dataclass
@@ -313,6 +288,7 @@ def run_index_and_neighbors(*, out: Location, index_key: str = "", max_index_mem
                             max_query_ms: float = 10.0, metric: str = "l2", single_node_max_vectors: int = 2_000_000,
                             distributed: bool = False, k: int = 2, extra_neighbors: int = 10,
                             target_recall: float = 0.97, recall_sample: int = 1000, concurrency: int = 0,
+                            search: str = "auto", shard_memory: str = "2G",
                             config: dict | None = None) -> IndexNeighborsSummary:
     """The index stage, then the neighbors stage pinned to the version it produced, then LATEST."""
     from pipelines.stages.index import run_index
@@ -322,5 +298,5 @@ def run_index_and_neighbors(*, out: Location, index_key: str = "", max_index_mem
                   extra_neighbors=extra_neighbors, target_recall=target_recall, recall_sample=recall_sample,
                   concurrency=concurrency, config=config)
     n = run_neighbors(out=out, index_version=s.version, k=k, extra_neighbors=extra_neighbors,
-                      concurrency=concurrency, config=config)
+                      concurrency=concurrency, search=search, shard_memory=shard_memory, config=config)
     return IndexNeighborsSummary(s, n)

@@ -1,0 +1,172 @@
+"""List-routed all-chunks search: the pure pieces (no Ray, no storage).
+
+At 10^9 chunks no worker can hold the index plus the exact vectors it must rank with. The
+routed search splits the IVF's inverted lists into shards whose exact (float16) vectors fit a
+worker's memory budget, routes every query to the shards holding the lists it probes, ranks it
+there with exact distances (own document excluded by a mask, so no retries are needed), and
+merges each query's per-shard top-k. A shard is scanned list by list with one matrix product
+per (list, queries probing it), as :mod:`pipelines.search.ivf_blas` does on one node.
+
+Shards are cut from an ordering of the lists in which nearby centroids are adjacent (recursive
+bisection along the principal axis), so the few lists a query probes mostly fall in one or two
+shards: fewer copies of each query travel. Every worker's memory is bounded by its shard plus
+one block of queries, never by N.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipelines.search.faiss_index import memory_bytes
+from pipelines.search.knn import empty_topk, merge_topk
+
+SEARCH_MODES = ("auto", "index", "routed")
+MAX_PROBE_FACTOR = 4  # a query whose own document fills its lists probes up to this x nprobe
+
+
+def shard_bytes_per_vector(dim: int) -> int:
+    """Memory a shard holds per vector: float32 values (BLAS' type), chunk id, squared norm."""
+    return dim * 4 + 8 + 4
+
+
+def check_search_mode(mode: str, shard_memory: str) -> None:
+    """Validate ``--neighbors-search`` and ``--shard-memory`` (the build's config and the stage call this)."""
+    if mode not in SEARCH_MODES:
+        raise ValueError(f"--neighbors-search must be one of {', '.join(SEARCH_MODES)}, got {mode!r}")
+    memory_bytes(shard_memory)
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Which shard holds each inverted list (``-1``: an empty list, in no shard)."""
+
+    list_shard: np.ndarray
+    shard_bytes: np.ndarray
+
+    @property
+    def shards(self) -> int:
+        return len(self.shard_bytes)
+
+
+def spatial_list_order(centroids: np.ndarray, leaf: int = 8) -> np.ndarray:
+    """List ids ordered so that nearby centroids are adjacent: split at the median along the
+    principal axis, recursively (a k-d tree on principal axes, read leaf by leaf)."""
+    order: list[np.ndarray] = []
+    stack = [np.arange(len(centroids))]
+    while stack:
+        ids = stack.pop()
+        if len(ids) <= leaf:
+            order.append(ids)
+            continue
+        x = centroids[ids] - centroids[ids].mean(0)
+        axis = np.linalg.svd(x[: min(len(x), 4096)], full_matrices=False)[2][0]
+        proj = x @ axis
+        half = np.argsort(proj, kind="stable")
+        mid = len(ids) // 2
+        stack.append(ids[half[mid:]])  # popped second: the low half comes first
+        stack.append(ids[half[:mid]])
+    return np.concatenate(order) if order else np.zeros(0, np.int64)
+
+
+def plan_shards(list_sizes: np.ndarray, centroids: np.ndarray, dim: int, budget_bytes: int) -> ShardPlan:
+    """Cut the lists, in spatial order, into shards of at most ``budget_bytes`` of vectors each.
+
+    A single list larger than the budget is a shard of its own (and the caller is told by
+    ``shard_bytes``): splitting a list would send its queries to several workers anyway."""
+    per_vector = shard_bytes_per_vector(dim)
+    list_shard = np.full(len(list_sizes), -1, np.int64)
+    sizes: list[int] = []
+    used = 0
+    for lst in spatial_list_order(np.asarray(centroids, np.float32)).tolist():
+        b = int(list_sizes[lst]) * per_vector
+        if b == 0:
+            continue
+        if not sizes or used + b > budget_bytes:
+            sizes.append(0)
+            used = 0
+        list_shard[lst] = len(sizes) - 1
+        sizes[-1] += b
+        used += b
+    return ShardPlan(list_shard, np.asarray(sizes, np.int64))
+
+
+def probes_needed(probes: np.ndarray, list_sizes: np.ndarray, nprobe: int, need: np.ndarray) -> np.ndarray:
+    """``probes`` (nearest lists first, ``MAX_PROBE_FACTOR`` x nprobe wide) cut per query to the first
+    nprobe lists, or more when those hold fewer than ``need`` vectors (its own document's length + k):
+    then the probed lists always hold k vectors of other documents, which the index search gets by
+    re-searching short rows with more probes. Lists past the cut become -1."""
+    sizes = np.where(probes >= 0, list_sizes[np.maximum(probes, 0)], 0)
+    enough = np.cumsum(sizes, axis=1) >= need[:, None]
+    width = np.where(enough.any(1), enough.argmax(1) + 1, probes.shape[1])
+    width = np.maximum(width, min(nprobe, probes.shape[1]))
+    return np.where(np.arange(probes.shape[1])[None, :] < width[:, None], probes, -1)
+
+
+@dataclass
+class ShardVectors:
+    """One shard's exact vectors, sorted by list: ``vecs[starts[i]:ends[i]]`` is list ``lists[i]``."""
+
+    ids: np.ndarray
+    vecs: np.ndarray  # float32, (rows, dim)
+    norms: np.ndarray  # squared L2 norms (l2 metric)
+    lists: np.ndarray
+    starts: np.ndarray
+    ends: np.ndarray
+
+    @classmethod
+    def from_rows(cls, ids: np.ndarray, lists: np.ndarray, vecs: np.ndarray) -> ShardVectors:
+        order = np.argsort(lists, kind="stable")
+        ids, lists, vecs = ids[order], lists[order], np.ascontiguousarray(vecs[order], dtype=np.float32)
+        uniq, starts = np.unique(lists, return_index=True)
+        ends = np.append(starts[1:], len(lists))
+        return cls(ids, vecs, (vecs * vecs).sum(1), uniq, starts, ends)
+
+    @property
+    def nbytes(self) -> int:
+        return self.ids.nbytes + self.vecs.nbytes + self.norms.nbytes
+
+
+def scan_shard(shard: ShardVectors, queries: np.ndarray, query_ids: np.ndarray, probes: np.ndarray,
+               lo: np.ndarray, hi: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of each query within the lists it probes in this shard, never from its own
+    document ``[lo, hi)`` (which holds the query itself). Returns (ids with -1 pads, scores:
+    smaller is nearer: squared L2 or the negated inner product)."""
+    n = len(query_ids)
+    best = empty_topk(n, k)
+    if not len(shard.lists):
+        return best
+    pos = np.minimum(np.searchsorted(shard.lists, probes), len(shard.lists) - 1)
+    hit = (probes >= 0) & (shard.lists[pos] == probes)
+    rows, cols = np.nonzero(hit)
+    slot = pos[rows, cols]
+    order = np.argsort(slot, kind="stable")
+    rows, slot = rows[order], slot[order]
+    bounds = np.flatnonzero(np.diff(slot)) + 1
+    qnorm = (queries * queries).sum(1)
+    for group in np.split(np.arange(len(slot)), bounds):
+        if not len(group):
+            continue
+        s = int(slot[group[0]])
+        r = rows[group]
+        a, b = int(shard.starts[s]), int(shard.ends[s])
+        dot = queries[r] @ shard.vecs[a:b].T
+        score = qnorm[r, None] + shard.norms[None, a:b] - 2 * dot if metric == "l2" else -dot
+        ids = shard.ids[a:b]
+        own = (ids[None, :] >= lo[r, None]) & (ids[None, :] < hi[r, None])
+        score = np.where(own, np.inf, score).astype(np.float32)
+        take = min(k, b - a)
+        cols_k = np.argpartition(score, take - 1, axis=1)[:, :take] if take < b - a else \
+            np.broadcast_to(np.arange(b - a), score.shape)
+        s_k = np.take_along_axis(score, cols_k, 1)
+        i_k = np.where(np.isfinite(s_k), ids[cols_k], -1)
+        best_r = merge_topk((best[0][r], best[1][r]), (i_k, s_k), k)
+        best[0][r], best[1][r] = best_r
+    return best
+
+
+def scores_to_distances(ids: np.ndarray, scores: np.ndarray, metric: str) -> np.ndarray:
+    """What the neighbors table stores: squared L2 (>= 0) or the inner product; pads get the worst value."""
+    if metric == "l2":
+        return np.where(ids >= 0, np.maximum(scores, 0), np.inf).astype(np.float32)
+    return np.where(ids >= 0, -scores, -np.inf).astype(np.float32)

@@ -1,0 +1,302 @@
+"""The neighbors stage's list-routed search, for builds whose vectors do not fit one worker.
+
+The single-node path (:class:`pipelines.stages.neighbors.NeighborsWorker`) gives every worker the
+whole index, plus the embeddings to re-rank with. At 10^9 chunks (1.5 TB of float16 vectors at
+dim 768) no node holds that. Here each worker holds one *shard* of the IVF's inverted lists with
+their exact vectors, at most ``--shard-memory`` bytes (:mod:`pipelines.search.routing`):
+
+1. route (one Ray task per embeddings part): the IVF's coarse quantizer (with the index's
+   pre-transform, e.g. OPQ) gives each chunk its nearest list (where its vector lives) and the
+   ``nprobe`` lists its query probes. The task writes, per shard, the vectors that live there and
+   the queries that probe there (float16, ``_routed/sSSSSS/{db,q}-PPPPP.npz``).
+2. scan (one task per shard): the shard's vectors sorted by list, then every part's queries for
+   the shard, one matrix product per (list, queries probing it), exact distances, own document
+   masked; the per-query top-k go to ``_routed/rPPPPP/sSSSSS.npz``.
+3. merge (one task per part): each query's top-k over its shards, committed as the part's
+   neighbors with the same sidecar as the single-node path (so a killed run resumes).
+Each step leaves a sidecar per unit, so a rerun redoes only what is missing. The result equals an
+IVF-Flat search at the same ``nprobe`` (exact distances within the probed lists), whatever the
+index compresses to. ``_routed/`` is removed once the version's manifest is written.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+
+from pipelines.artifacts.embeddings import DocBounds, EmbeddingPart, EmbeddingsInfo, NpyPart, part_rel, read_part_ids
+from pipelines.artifacts.manifest import part_name
+from pipelines.artifacts.storage import Location, exists, open_location, read_bytes, write_bytes_atomic
+from pipelines.artifacts.versions import open_index
+from pipelines.runtime.procstats import peak_rss_mb
+from pipelines.runtime.ray_session import bounded_as_completed
+from pipelines.search.faiss_index import memory_bytes, write_index_file
+from pipelines.search.knn import empty_topk, ivf_of, merge_topk
+from pipelines.search.routing import (
+    MAX_PROBE_FACTOR,
+    ShardVectors,
+    plan_shards,
+    probes_needed,
+    scan_shard,
+    scores_to_distances,
+    shard_bytes_per_vector,
+)
+from pipelines.stages.neighbors_parts import commit_part, committed_part
+
+ROUTE_BLOCK_ROWS = 16384
+WORK = "_routed"
+
+
+def wants_routed(mode: str, index_manifest: dict, info: EmbeddingsInfo, shard_memory: str) -> bool:
+    """``routed`` when asked; on ``auto``, when the index is IVF and the exact vectors exceed one shard."""
+    if mode != "auto":
+        return mode == "routed"
+    return "IVF" in index_manifest["index_key"] and info.n * shard_bytes_per_vector(info.dim) > memory_bytes(shard_memory)
+
+
+@dataclass(frozen=True)
+class RoutedJob:
+    """What every routed task needs to know (small: sent to each task)."""
+
+    out_url: str
+    folder: str  # neighbors/vNNNN
+    nprobe: int
+    quantizer_ef: int
+    k: int
+    metric: str
+    shards: int
+    chunks: int
+
+    @property
+    def work(self) -> str:
+        return f"{self.folder}/{WORK}"
+
+    def quantizer_rel(self) -> str:
+        return f"{self.work}/quantizer.index"
+
+    def db_rel(self, shard: int, part: int) -> str:
+        return f"{self.work}/s{shard:05d}/db-{part:05d}.npz"
+
+    def queries_rel(self, shard: int, part: int) -> str:
+        return f"{self.work}/s{shard:05d}/q-{part:05d}.npz"
+
+    def result_rel(self, part: int, shard: int) -> str:
+        return f"{self.work}/r{part:05d}/s{shard:05d}.npz"
+
+    def done_rel(self, step: str, unit: int) -> str:
+        return f"{self.work}/done/{step}-{unit:05d}.json"
+
+
+def _save(out: Location, rel: str, **arrays) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    write_bytes_atomic(out, rel, buf.getvalue())
+
+
+def _load(out: Location, rel: str) -> dict:
+    with np.load(io.BytesIO(read_bytes(out, rel))) as z:
+        return {name: z[name] for name in z.files}
+
+
+def _done(out: Location, job: RoutedJob, step: str, unit: int) -> dict | None:
+    rel = job.done_rel(step, unit)
+    return json.loads(read_bytes(out, rel)) if exists(out, rel) else None
+
+
+def _mark_done(out: Location, job: RoutedJob, step: str, unit: int, record: dict) -> dict:
+    write_bytes_atomic(out, job.done_rel(step, unit), json.dumps(record).encode())
+    return record
+
+
+def _search_params(index_param: str) -> tuple[int, int]:
+    nprobe = re.search(r"nprobe=(\d+)", index_param or "")
+    ef = re.search(r"quantizer_efSearch=(\d+)", index_param or "")
+    return (int(nprobe.group(1)) if nprobe else 1), (int(ef.group(1)) if ef else 0)
+
+
+def stage_quantizer(out: Location, index_version: str, rel: str, dim: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The coarse quantizer behind the index's pre-transform, as one small index file at ``rel``,
+    plus the list sizes and centroids the shard plan needs. Returns (None, None) when not an IVF."""
+    import faiss
+
+    index = open_index(out, index_version, mmap=True)
+    ivf = ivf_of(index)
+    if ivf is None:
+        return None, None
+    quantizer = faiss.clone_index(ivf.quantizer)
+    routed = quantizer
+    top = faiss.downcast_index(index)
+    if isinstance(top, faiss.IndexPreTransform):
+        routed = faiss.IndexPreTransform(quantizer)
+        for i in reversed(range(top.chain.size())):
+            routed.prepend_transform(faiss.clone_VectorTransform(top.chain.at(i)))
+        routed.d = dim
+    write_index_file(out, rel, routed)
+    sizes = np.fromiter((ivf.invlists.list_size(i) for i in range(ivf.nlist)), np.int64, ivf.nlist)
+    return sizes, quantizer.reconstruct_n(0, ivf.nlist)
+
+
+def _open_quantizer(out: Location, job: RoutedJob):
+    import faiss
+
+    from pipelines.artifacts.versions import read_faiss
+
+    if out.is_local:
+        q = read_faiss(out.path(job.quantizer_rel()), mmap=False)
+    else:
+        with tempfile.TemporaryDirectory() as d:
+            out.fs.get_file(out.path(job.quantizer_rel()), f"{d}/quantizer.index")
+            q = read_faiss(f"{d}/quantizer.index", mmap=False)
+    inner = faiss.downcast_index(q.index if isinstance(q, faiss.IndexPreTransform) else q)
+    if job.quantizer_ef and isinstance(inner, faiss.IndexHNSW):
+        inner.hnsw.efSearch = max(job.quantizer_ef, job.nprobe)
+    return q
+
+
+@ray.remote(num_cpus=1)
+def route_part_task(job: RoutedJob, part: dict, list_shard: np.ndarray, list_sizes: np.ndarray) -> dict:
+    """Step 1 for one part: where its vectors live and where its queries go, written per shard."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+    out, p = open_location(job.out_url), EmbeddingPart.from_dict(part)
+    if (done := _done(out, job, "route", p.index)) is not None:
+        return done
+    cpu = time.process_time()
+    quantizer = _open_quantizer(out, job)
+    bounds = DocBounds.load(out, job.chunks)
+    width = min(len(list_sizes), job.nprobe * MAX_PROBE_FACTOR)
+    db: dict[int, list] = {s: [] for s in range(job.shards)}
+    qs: dict[int, list] = {s: [] for s in range(job.shards)}
+    for start, block in NpyPart(out, part_rel(p)).blocks(ROUTE_BLOCK_ROWS):
+        ids = np.arange(p.offset + start, p.offset + start + len(block), dtype=np.int64)
+        _, wide = quantizer.search(block, width)
+        lo, hi = bounds.range_of(ids)
+        probes = probes_needed(wide, list_sizes, job.nprobe, hi - lo + job.k)
+        home = list_shard[np.maximum(probes[:, 0], 0)]
+        probe_shard = np.where(probes >= 0, list_shard[np.maximum(probes, 0)], -1)
+        half = block.astype(np.float16)
+        for s in range(job.shards):
+            mine = home == s
+            db[s].append((ids[mine], probes[mine, 0], half[mine]))
+            asks = (probe_shard == s).any(1)
+            qs[s].append((ids[asks], half[asks], np.where(probe_shard[asks] == s, probes[asks], -1).astype(np.int32)))
+    for s in range(job.shards):
+        _save(out, job.db_rel(s, p.index), ids=np.concatenate([a for a, _, _ in db[s]]),
+              lists=np.concatenate([b for _, b, _ in db[s]]), vecs=np.concatenate([c for _, _, c in db[s]]))
+        _save(out, job.queries_rel(s, p.index), ids=np.concatenate([a for a, _, _ in qs[s]]),
+              vecs=np.concatenate([b for _, b, _ in qs[s]]), probes=np.concatenate([c for _, _, c in qs[s]]))
+    copies = sum(len(a) for s in range(job.shards) for a, _, _ in qs[s])
+    return _mark_done(out, job, "route", p.index, {"query_copies": copies, "rows": p.rows,
+                                                   "cpu_seconds": round(time.process_time() - cpu, 3),
+                                                   "peak_rss_mb": peak_rss_mb()})
+
+
+@ray.remote(num_cpus=1)
+def scan_shard_task(job: RoutedJob, shard: int, parts: list[int]) -> dict:
+    """Step 2 for one shard: its vectors in memory, every part's queries for it scanned exactly."""
+    out = open_location(job.out_url)
+    if (done := _done(out, job, "scan", shard)) is not None:
+        return done
+    cpu = time.process_time()
+    rows = [_load(out, job.db_rel(shard, p)) for p in parts]
+    vectors = ShardVectors.from_rows(np.concatenate([r["ids"] for r in rows]), np.concatenate([r["lists"] for r in rows]),
+                                     np.concatenate([r["vecs"] for r in rows]).astype(np.float32))
+    del rows
+    bounds = DocBounds.load(out, job.chunks)
+    scanned = 0
+    for p in parts:
+        q = _load(out, job.queries_rel(shard, p))
+        lo, hi = bounds.range_of(q["ids"])
+        ids, scores = scan_shard(vectors, q["vecs"].astype(np.float32), q["ids"], q["probes"], lo, hi, job.k, job.metric)
+        _save(out, job.result_rel(p, shard), query_ids=q["ids"], ids=ids, scores=scores)
+        scanned += len(q["ids"])
+    return _mark_done(out, job, "scan", shard, {"vectors": int(len(vectors.ids)), "shard_bytes": vectors.nbytes,
+                                               "queries": scanned, "cpu_seconds": round(time.process_time() - cpu, 3),
+                                               "peak_rss_mb": peak_rss_mb()})
+
+
+@ray.remote(num_cpus=1)
+def merge_part_task(job: RoutedJob, part: dict) -> dict:
+    """Step 3 for one part: each query's top-k over the shards it went to, committed as neighbors."""
+    out, p = open_location(job.out_url), EmbeddingPart.from_dict(part)
+    kept = committed_part(out, job.folder, part_name(p.index), p.rows)
+    if kept is not None:
+        return kept
+    cpu = time.process_time()
+    chunk_ids = read_part_ids(out, p)
+    best = empty_topk(p.rows, job.k)
+    for s in range(job.shards):
+        r = _load(out, job.result_rel(p.index, s))
+        if not len(r["query_ids"]):
+            continue
+        rows = r["query_ids"] - p.offset
+        best[0][rows], best[1][rows] = merge_topk((best[0][rows], best[1][rows]), (r["ids"], r["scores"]), job.k)
+    ids = best[0]
+    entry = commit_part(out, job.folder, p, chunk_ids, ids, scores_to_distances(ids, best[1], job.metric),
+                        (ids < 0).any(1))
+    return entry | {"kept": False, "cpu_seconds": round(time.process_time() - cpu, 3), "peak_rss_mb": peak_rss_mb()}
+
+
+@dataclass
+class RoutedRun:
+    """What the routed search did: the stage's entries plus the figures its summary reports."""
+
+    entries: list[dict]
+    shards: int
+    shard_bytes_max: int
+    query_copies: int  # (query, shard) pairs routed: N x shards visited per query
+    cpu_seconds: float
+    peak_rss_mb: dict
+
+
+def run_routed(out: Location, info: EmbeddingsInfo, *, folder: str, index_version: str, index_param: str, k: int,
+               metric: str, shard_memory: str, concurrency: int) -> RoutedRun:
+    """Steps 1-3 over every part and shard; returns the parts' manifest entries (in part order).
+
+    Args:
+        out: the build. info: its embeddings. folder: the neighbors version's folder.
+        index_version, index_param: the IVF whose quantizer and ``nprobe`` route the queries.
+        k, metric: neighbors per chunk, distance. shard_memory: bytes of vectors per shard (e.g. "2G").
+        concurrency: tasks in flight per step.
+    Returns:
+        A :class:`RoutedRun`."""
+    nprobe, ef = _search_params(index_param)
+    probe_job = RoutedJob(out.url, folder, nprobe, ef, k, metric, 0, info.n)
+    sizes, centroids = stage_quantizer(out, index_version, probe_job.quantizer_rel(), info.dim)
+    if sizes is None:
+        raise ValueError(f"index {index_version} is not an IVF index: the routed neighbors search needs inverted "
+                         "lists (use --neighbors-search index)")
+    plan = plan_shards(sizes, centroids, info.dim, memory_bytes(shard_memory))
+    job = RoutedJob(out.url, folder, nprobe, ef, k, metric, plan.shards, info.n)
+    print(f"neighbors: routed search, {len(sizes)} lists in {plan.shards} shard(s) of at most "
+          f"{plan.shard_bytes.max() / 2**20:,.1f} MiB (--shard-memory {shard_memory}), nprobe {nprobe}", flush=True)
+    parts = list(info.parts)
+    list_shard, sizes_ref = ray.put(plan.list_shard), ray.put(sizes)
+    cpu, peaks = 0.0, {}
+
+    def step(label: str, submit, items: list) -> list[dict]:
+        nonlocal cpu
+        results: list = [None] * len(items)
+        for done, (i, r) in enumerate(bounded_as_completed(submit, items, concurrency), 1):
+            results[i] = r
+            if done == len(items) or done % max(1, len(items) // 5) == 0:
+                print(f"neighbors: routed {label} {done}/{len(items)}", flush=True)
+        cpu += sum(r.get("cpu_seconds", 0.0) for r in results)
+        peaks[f"{label}_task"] = max(r.get("peak_rss_mb", 0.0) for r in results)
+        return results
+
+    routes = step("route", lambda p: route_part_task.remote(job, p.to_dict(), list_shard, sizes_ref), parts)
+    scans = step("scan", lambda s: scan_shard_task.remote(job, s, [p.index for p in parts]), list(range(plan.shards)))
+    entries = step("merge", lambda p: merge_part_task.remote(job, p.to_dict()), parts)
+    for e in entries:
+        e.pop("cpu_seconds", None)
+        e.pop("peak_rss_mb", None)
+    return RoutedRun(entries, plan.shards, max(s["shard_bytes"] for s in scans),
+                     sum(r["query_copies"] for r in routes), cpu, peaks)
