@@ -35,7 +35,7 @@ from pipelines.artifacts.versions import fetch_files, file_entry
 from pipelines.reindex.sample import live_sample_ids
 from pipelines.reindex.state import UPDATABLE, updatable
 from pipelines.runtime.procstats import peak_rss_mb
-from pipelines.search.faiss_index import IndexSettings, faiss_metric, train_size, write_index_file
+from pipelines.search.faiss_index import IndexSettings, faiss_metric, train_index, train_size, write_index_file
 from pipelines.search.knn import ivf_of, use_blas_for_batches
 from pipelines.search.rerank import ExactVectors
 from pipelines.search.tuning import RecallSample, tune
@@ -187,7 +187,7 @@ def full_index_task(job: IndexJob, sample: RecallSample) -> dict:
         index = faiss.IndexIDMap2(index)
     if not index.is_trained:
         ids = live_sample_ids(info.n, info.n, train_size(live_n, job.index_key), tomb, f"train:{job.seed}")
-        index.train(gather_rows(out, info, ids))
+        train_index(index, gather_rows(out, info, ids))
     added = 0
     for part in info.parts:
         for x, ids in _live_blocks(out, part, tomb):

@@ -14,6 +14,8 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from pipelines.artifacts.storage import Location
 from pipelines.artifacts.versions import put_file
 
@@ -22,7 +24,11 @@ if TYPE_CHECKING:
 
 FLAT_MAX_VECTORS = 4096  # below this, exact search over everything costs less than training anything
 FLAT_COMPARE_MAX = 262_144  # up to this, the single-node build also times exact search against the tuned index
-TRAIN_POINTS_PER_LIST = 50  # k-means needs >= 39 per centroid (faiss warns below)
+TRAIN_POINTS_PER_LIST = 50  # sampled per list for k-means (faiss' guidance: 30-256; it warns below 39)
+MIN_TRAIN_POINTS_PER_LIST = 39  # fewer lists than this many vectors each, on small builds
+MAX_LISTS = 1 << 20
+FLAT_QUANTIZER_MAX_LISTS = 1 << 16  # beyond, assigning to lists goes through an HNSW graph of the centroids
+TWO_LEVEL_MIN_LISTS = 4096  # from here k-means runs in two levels: sqrt(nlist) clusters, then each split
 PQ_TRAIN_POINTS = 256 * 40  # 8-bit product quantizers: 256 centroids per sub-space
 METRICS = ("l2", "ip")
 
@@ -58,30 +64,94 @@ def memory_bytes(text: str) -> int:
     return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
 
 
-def batched_nlist(n: int) -> int:
-    """Power of two near sqrt(n): balances coarse assignment and list scans for batched queries."""
-    return int(min(1 << 18, max(16, 2 ** round(math.log2(math.sqrt(max(n, 1)))))))
+def ivf_nlist(n: int) -> int:
+    """Lists for n vectors: the smallest power of two >= 4 sqrt(n) (faiss' guidance: 4-16 sqrt(n)),
+    but no more than leave ``MIN_TRAIN_POINTS_PER_LIST`` vectors per list for k-means."""
+    want = 1 << max(4, math.ceil(math.log2(4 * math.sqrt(max(n, 1)))))
+    cap = 1 << max(4, int(math.log2(max(n // MIN_TRAIN_POINTS_PER_LIST, 16))))
+    return int(min(want, cap, MAX_LISTS))
 
 
-def choose_index_key(n: int, dim: int, max_index_memory: str) -> str:
-    """Exact search when tiny, IVF-Flat with sqrt(N) lists while it fits the memory bound, else
-    autofaiss' memory-mappable quantized choice (see the module doc)."""
+def nlist_of(key: str) -> int:
+    m = re.search(r"IVF(\d+)", key)
+    return int(m.group(1)) if m else 0
+
+
+def _with_lists(key: str, nlist: int) -> str:
+    """``key`` with ``nlist`` lists and, beyond ``FLAT_QUANTIZER_MAX_LISTS``, an HNSW coarse quantizer."""
+    quantizer = "_HNSW32" if nlist > FLAT_QUANTIZER_MAX_LISTS else ""
+    return re.sub(r"IVF\d+(_HNSW\d+)?", f"IVF{nlist}{quantizer}", key)
+
+
+@dataclass(frozen=True)
+class IndexChoice:
+    """The automatic index key and why (the index summary prints the reason)."""
+
+    key: str
+    reason: str
+
+
+def explain_index_choice(n: int, dim: int, max_index_memory: str) -> IndexChoice:
+    """Exact search when tiny; IVF-Flat while the exact vectors fit the memory bound; else
+    autofaiss' memory-mappable quantized key, with its list count brought into faiss' 4-16 sqrt(N)
+    range when it falls outside (an HNSW coarse quantizer beyond 65,536 lists)."""
     if n <= FLAT_MAX_VECTORS:
-        return "Flat"
+        return IndexChoice("Flat", f"{n} vectors: exact search costs less than training anything")
+    nlist = ivf_nlist(n)
+    if n * (dim * 4 + 8) + nlist * dim * 4 <= memory_bytes(max_index_memory):
+        return IndexChoice(_with_lists("IVF1,Flat", nlist),
+                           f"exact vectors fit --max-index-memory {max_index_memory}; {nlist} lists "
+                           f"({nlist / math.sqrt(n):.1f} sqrt(N))")
     from autofaiss.external.optimize import get_optimal_index_keys_v2
 
-    nlist = batched_nlist(n)
-    if n * (dim * 4 + 8) + nlist * dim * 4 <= memory_bytes(max_index_memory):
-        return f"IVF{nlist},Flat"  # exact vectors while they fit (autofaiss quantizes from 1M on regardless)
     keys = get_optimal_index_keys_v2(n, dim, max_index_memory, should_be_memory_mappable=True)
     if not keys:
         raise ValueError(f"no index of {n} vectors of dim {dim} fits --max-index-memory {max_index_memory}")
-    return keys[0]  # quantized, with its HNSW coarse quantizer: many lists cost little to assign
+    theirs = nlist_of(keys[0])
+    ratio = theirs / math.sqrt(n)
+    if 4 <= ratio <= 16:
+        return IndexChoice(keys[0], f"autofaiss' choice for --max-index-memory {max_index_memory} "
+                                                         f"({theirs} lists, {ratio:.1f} sqrt(N))")
+    return IndexChoice(_with_lists(keys[0], nlist),
+                       f"autofaiss' codes for --max-index-memory {max_index_memory}, with {nlist} lists instead of its "
+                       f"{theirs} ({ratio:.1f} sqrt(N), outside faiss' 4-16 sqrt(N))")
+
+
+def choose_index_key(n: int, dim: int, max_index_memory: str) -> str:
+    return explain_index_choice(n, dim, max_index_memory).key
 
 
 def flat_may_compete(info: EmbeddingsInfo, max_index_memory: str) -> bool:
     """Small enough that exact search might beat the tuned approximate index (both fit memory)."""
     return info.n <= FLAT_COMPARE_MAX and info.n * info.dim * 4 <= memory_bytes(max_index_memory)
+
+
+def train_index(index, x: np.ndarray) -> None:
+    """Train ``index`` on the sample ``x``. With many lists, the coarse k-means runs in two levels
+    (faiss' ``two_level_clustering``: sqrt(nlist) clusters, each split in proportion to its size),
+    which costs about 2 sqrt(nlist) instead of nlist distance computations per point and iteration:
+    at 16,384 lists, 64x less work, so training stays minutes where flat k-means takes hours."""
+    import faiss
+    from faiss.contrib.clustering import two_level_clustering
+
+    from pipelines.search.knn import ivf_of
+
+    ivf = ivf_of(index)
+    if ivf is None or ivf.nlist < TWO_LEVEL_MIN_LISTS or ivf.is_trained:
+        index.train(x)
+        return
+    top = faiss.downcast_index(index)
+    xt = x
+    if isinstance(top, faiss.IndexPreTransform):
+        for i in range(top.chain.size()):
+            vt = top.chain.at(i)
+            vt.train(xt)
+            xt = vt.apply(xt)
+    centroids, _ = two_level_clustering(xt, int(math.sqrt(ivf.nlist)), ivf.nlist)
+    ivf.quantizer.train(centroids)
+    ivf.quantizer.add(centroids)
+    ivf.train(xt)  # the quantizer is full: this trains only what the codes need (PQ, SQ)
+    index.is_trained = True
 
 
 def train_size(n: int, key: str) -> int:

@@ -46,9 +46,10 @@ from pipelines.search.faiss_index import (
     IndexSettings,
     autofaiss_version,
     check_index_key,
-    choose_index_key,
+    explain_index_choice,
     faiss_version,
     flat_may_compete,
+    train_index,
     train_size,
     write_index_file,
 )
@@ -115,7 +116,7 @@ def build_single_node(out: Location, info: EmbeddingsInfo, key: str, metric: str
     index = create_empty_index(info.dim, key, metric)
     if not index.is_trained:
         sample = uniform_sample(info.n, train_size(info.n, key), f"train:{seed}")
-        index.train(gather_rows(out, info, sample))
+        train_index(index, gather_rows(out, info, sample))
     index, _ = add_embeddings_to_index_local(reader, index, memory_available_for_adding="1G",
                                              embedding_ids_df_handler=None, index_optimizer=None,
                                              add_embeddings_with_ids=False)
@@ -146,6 +147,8 @@ class IndexSummary:
     tried: list = field(default_factory=list)
     peak_rss_mb: dict = field(default_factory=dict)  # per worker role (or the driver), MiB
     build_cpu_seconds: float = 0.0  # CPU time of the workers that built it (the driver's on one node)
+    key_reason: str = ""  # why this key (the automatic choice's rule, or --index-key)
+    rerank: int = 0  # candidates re-ranked exactly per query (0: the index's distances are exact)
 
     def lines(self) -> list[str]:
         if self.up_to_date:
@@ -153,8 +156,10 @@ class IndexSummary:
                     "nothing to do"]
         return [
             f"index: {self.version} {self.index_key} ({self.mode} build, {self.layout}), {self.ntotal} of "
-            f"{self.chunks} chunks, {self.size_bytes / 2**20:.1f} MiB, built in {self.build_seconds:.1f} s",
-            f"index: search {self.index_param or 'exact'}: recall@{self.k} {self.recall_at_k:.3f} (index), "
+            f"{self.chunks} chunks, {self.size_bytes / 2**20:.1f} MiB, built in {self.build_seconds:.1f} s "
+            f"({self.build_cpu_seconds:.1f} CPU-s); key: {self.key_reason}",
+            f"index: search {self.index_param or 'exact'}"
+            + (f", {self.rerank} candidates re-ranked exactly" if self.rerank else "") + f": recall@{self.k} {self.recall_at_k:.3f} (index), "
             f"{self.neighbor_recall_at_k:.3f} (neighbors, own document excluded) vs exact search, "
             f"{self.query_ms:.3f} ms/query; tuned in {self.tune_seconds:.1f} s; total {self.seconds:.1f} s; peak memory "
             + ", ".join(f"{k} {v:,.0f} MiB" for k, v in self.peak_rss_mb.items()),
@@ -184,7 +189,9 @@ def run_index(*, out: Location, index_key: str = "", max_index_memory: str = "4G
     info = load_embeddings_info(out)
     bounds = DocBounds.load(out, info.n)
     mode = "distributed" if distributed or info.n > single_node_max_vectors else "single"
-    key = index_key or choose_index_key(info.n, info.dim, max_index_memory)
+    choice = explain_index_choice(info.n, info.dim, max_index_memory) if not index_key else None
+    key = index_key or choice.key
+    key_reason = choice.reason if choice else "--index-key"
     check_index_key(key, info.dim, metric)
     fp = index_fingerprint(info, bounds, settings, key, mode)
 
@@ -229,8 +236,8 @@ def run_index(*, out: Location, index_key: str = "", max_index_memory: str = "4G
         "mode": mode, "ntotal": ntotal, "dim": info.dim, "size_bytes": size, "k": k,
         "recall_at_k": chosen["recall"], "neighbor_recall_at_k": chosen["neighbor_recall"],
         "recall_sample": len(sample.ids), "query_ms": chosen["ms_per_query"], "max_query_ms": max_query_ms,
-        "rerank_candidates": chosen["rerank"],
-        "target_recall": target_recall, "extra_neighbors": extra_neighbors, "tuning": tried,
+        "rerank_candidates": chosen["rerank"], "candidates": max(k + extra_neighbors + 1, chosen["rerank"]),
+        "key_reason": key_reason, "target_recall": target_recall, "extra_neighbors": extra_neighbors, "tuning": tried,
         "build_seconds": round(build_seconds, 3), "tune_seconds": round(tune_seconds, 3),
         "build_cpu_seconds": round(build_cpu, 3), "peak_rss_mb": peaks,
         "faiss_version": faiss_version(), "autofaiss_version": autofaiss_version(),
@@ -250,4 +257,5 @@ def run_index(*, out: Location, index_key: str = "", max_index_memory: str = "4G
                           "neighbor_recall_at_k": chosen["neighbor_recall"], "query_ms": chosen["ms_per_query"]})
     return IndexSummary(version, key, param, mode, layout, info.n, ntotal, size, chosen["recall"],
                         chosen["neighbor_recall"], chosen["ms_per_query"], k, time.perf_counter() - start,
-                        build_seconds, tune_seconds, tried=tried, peak_rss_mb=peaks, build_cpu_seconds=build_cpu)
+                        build_seconds, tune_seconds, tried=tried, peak_rss_mb=peaks, build_cpu_seconds=build_cpu,
+                        key_reason=key_reason, rerank=chosen["rerank"])

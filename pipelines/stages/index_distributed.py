@@ -29,7 +29,7 @@ from pipelines.artifacts.storage import Location, exists, open_location, read_by
 from pipelines.artifacts.versions import fetch_files, file_entry, file_is_valid, load_index_files, put_file
 from pipelines.runtime.procstats import peak_rss_mb
 from pipelines.runtime.ray_session import bounded_as_completed, max_node_cpus
-from pipelines.search.faiss_index import faiss_metric, train_size, write_index_file
+from pipelines.search.faiss_index import faiss_metric, train_index, train_size, write_index_file
 from pipelines.search.knn import ivf_of, use_blas_for_batches
 from pipelines.search.rerank import ExactVectors
 from pipelines.search.tuning import tune
@@ -68,7 +68,7 @@ def train_task(out_url: str, rel: str, key: str, dim: int, metric: str, sample_r
     cpu = time.process_time()
     x = np.concatenate(ray.get(sample_refs))
     index = faiss.index_factory(dim, key, faiss_metric(metric))
-    index.train(x)
+    train_index(index, x)
     write_index_file(open_location(out_url), rel, index)
     return peak_rss_mb(), time.process_time() - cpu
 

@@ -21,7 +21,7 @@ import pytest
 from pipelines.artifacts.manifest import read_manifest
 from pipelines.artifacts.storage import open_location
 from pipelines.artifacts.versions import NeighborsReader, index_infos, list_versions, open_index, resolve_latest
-from pipelines.search.faiss_index import choose_index_key
+from pipelines.search.faiss_index import choose_index_key, explain_index_choice
 from pipelines.stages.index import run_index
 from pipelines.stages.neighbors import run_neighbors
 from tests.helpers_embeddings import brute_force_neighbors, load_embeddings, write_synthetic_build
@@ -110,13 +110,22 @@ def test_inner_product_metric_and_pads(tmp_path):
     assert np.isneginf(dist[nb < 0]).all()
 
 
-def test_auto_key_choice():
+def test_auto_key_choice_follows_the_list_count_rules():
     assert choose_index_key(1000, 384, "4G") == "Flat"
-    assert choose_index_key(18_370, 384, "4G") == "IVF128,Flat"
-    assert choose_index_key(10**6, 384, "4G") == "IVF1024,Flat"  # 1.5 GB of exact vectors fit in 4G
-    # when they do not fit, autofaiss' quantized memory-mappable choice, with its HNSW coarse quantizer
-    assert choose_index_key(900_000, 384, "1G") == "OPQ256_512,IVF4096_HNSW32,PQ256x8"
+    # 4-16 sqrt(N) lists (the smallest power of two from 4 sqrt(N)), at least 39 vectors per list to train on
+    assert choose_index_key(18_370, 384, "4G") == "IVF256,Flat"
+    assert choose_index_key(10**5, 384, "4G") == "IVF2048,Flat"
+    assert choose_index_key(10**6, 384, "4G") == "IVF4096,Flat"  # 1.5 GB of exact vectors fit in 4G
+    # autofaiss' choice where it follows the rules, its codes with our list count where it does not
+    assert explain_index_choice(900_000, 384, "1G").key == "OPQ256_512,IVF4096_HNSW32,PQ256x8"
+    over = explain_index_choice(10**7, 384, "4G")
+    assert over.key == "OPQ256_512,IVF16384,PQ256x8" and "instead of its 65536" in over.reason
+    # beyond 65,536 lists the coarse quantizer is an HNSW graph
     assert choose_index_key(10**9, 384, "64G") == "OPQ48_336,IVF131072_HNSW32,PQ48x8"
+    assert choose_index_key(10**9, 384, "2T") == "IVF131072_HNSW32,Flat"
+    for n in (10**5, 10**6, 10**7, 10**8, 10**9):
+        nlist = int(choose_index_key(n, 384, "64G").split("IVF")[1].split(",")[0].split("_")[0])
+        assert 4 <= nlist / n**0.5 <= 16 or nlist * 39 > n / 2, (n, nlist)
 
 
 def test_ivf_recall_against_exact_search(tmp_path):

@@ -138,3 +138,28 @@ def test_search_mode_is_validated():
         check_search_mode("sharded", "2G")
     with pytest.raises(ValueError, match="4G, 512M"):
         check_search_mode("auto", "lots")
+
+
+def test_many_lists_train_in_two_levels_and_still_cluster_well(monkeypatch):
+    import faiss.contrib.clustering as clustering
+
+    from pipelines.search.faiss_index import TWO_LEVEL_MIN_LISTS, train_index
+
+    calls = []
+    real = clustering.two_level_clustering
+    monkeypatch.setattr(clustering, "two_level_clustering", lambda *a, **kw: calls.append(a[1:3]) or real(*a, **kw))
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(TWO_LEVEL_MIN_LISTS * 40, 8)).astype(np.float32)
+    two = faiss.index_factory(8, f"IVF{TWO_LEVEL_MIN_LISTS},Flat")
+    train_index(two, x)
+    assert calls == [(64, TWO_LEVEL_MIN_LISTS)]  # sqrt(nlist) clusters first, then split
+    assert two.is_trained and two.quantizer.ntotal == TWO_LEVEL_MIN_LISTS
+    small = faiss.index_factory(8, "IVF64,Flat")
+    train_index(small, x[:5000])
+    assert len(calls) == 1 and small.is_trained
+    # no worse than 15% above flat k-means' quantization error on the same sample
+    flat = faiss.Kmeans(8, TWO_LEVEL_MIN_LISTS, niter=10, seed=1)
+    flat.train(x)
+    err_two = two.quantizer.search(x, 1)[0].mean()
+    err_flat = flat.index.search(x, 1)[0].mean()
+    assert err_two <= 1.15 * err_flat, (err_two, err_flat)
