@@ -116,8 +116,24 @@ class ShardVectors:
 
     @classmethod
     def from_rows(cls, ids: np.ndarray, lists: np.ndarray, vecs: np.ndarray) -> ShardVectors:
+        return cls.from_pieces([(ids, lists, vecs)])
+
+    @classmethod
+    def from_pieces(cls, pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> ShardVectors:
+        """From (ids, lists, vectors) pieces (any float dtype), filling one float32 array in list
+        order: memory is the shard plus one piece, not several copies of the shard."""
+        ids = np.concatenate([p[0] for p in pieces]) if pieces else np.zeros(0, np.int64)
+        lists = np.concatenate([p[1] for p in pieces]) if pieces else np.zeros(0, np.int64)
+        dim = pieces[0][2].shape[1] if pieces else 0
         order = np.argsort(lists, kind="stable")
-        ids, lists, vecs = ids[order], lists[order], np.ascontiguousarray(vecs[order], dtype=np.float32)
+        where = np.empty(len(order), np.int64)
+        where[order] = np.arange(len(order))  # row of each input vector in the sorted array
+        vecs = np.empty((len(ids), dim), np.float32)
+        start = 0
+        for _, _, v in pieces:
+            vecs[where[start:start + len(v)]] = v
+            start += len(v)
+        ids, lists = ids[order], lists[order]
         uniq, starts = np.unique(lists, return_index=True)
         ends = np.append(starts[1:], len(lists))
         return cls(ids, vecs, (vecs * vecs).sum(1), uniq, starts, ends)
@@ -127,24 +143,31 @@ class ShardVectors:
         return self.ids.nbytes + self.vecs.nbytes + self.norms.nbytes
 
 
-def scan_shard(shard: ShardVectors, queries: np.ndarray, query_ids: np.ndarray, probes: np.ndarray,
-               lo: np.ndarray, hi: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k of each query within the lists it probes in this shard, never from its own
-    document ``[lo, hi)`` (which holds the query itself). Returns (ids with -1 pads, scores:
-    smaller is nearer: squared L2 or the negated inner product)."""
+def shard_pairs(probes: np.ndarray, list_shard: np.ndarray, shard: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row, list) of every probe of ``probes`` (-1: none) whose list lives in ``shard``: what a
+    query brings to that shard, compact whatever the probe width."""
+    rows, cols = np.nonzero(probes >= 0)
+    lists = probes[rows, cols]
+    mine = list_shard[lists] == shard
+    return rows[mine].astype(np.int32), lists[mine].astype(np.int32)
+
+
+def scan_shard(shard: ShardVectors, queries: np.ndarray, query_ids: np.ndarray, pair_rows: np.ndarray,
+               pair_lists: np.ndarray, lo: np.ndarray, hi: np.ndarray, k: int, metric: str
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of each query within the lists it probes in this shard (``pair_rows[i]`` probes
+    ``pair_lists[i]``), never from its own document ``[lo, hi)`` (which holds the query itself).
+    Returns (ids with -1 pads, scores: smaller is nearer: squared L2 or the negated inner product)."""
     n = len(query_ids)
     best = empty_topk(n, k)
-    if not len(shard.lists):
+    if not len(shard.lists) or not len(pair_rows):
         return best
-    pos = np.minimum(np.searchsorted(shard.lists, probes), len(shard.lists) - 1)
-    hit = (probes >= 0) & (shard.lists[pos] == probes)
-    rows, cols = np.nonzero(hit)
-    slot = pos[rows, cols]
-    order = np.argsort(slot, kind="stable")
-    rows, slot = rows[order], slot[order]
-    bounds = np.flatnonzero(np.diff(slot)) + 1
+    slot = np.searchsorted(shard.lists, pair_lists)
+    known = (slot < len(shard.lists)) & (shard.lists[np.minimum(slot, len(shard.lists) - 1)] == pair_lists)
+    order = np.argsort(slot[known], kind="stable")
+    rows, slot = pair_rows[known][order], slot[known][order]
     qnorm = (queries * queries).sum(1)
-    for group in np.split(np.arange(len(slot)), bounds):
+    for group in np.split(np.arange(len(slot)), np.flatnonzero(np.diff(slot)) + 1):
         if not len(group):
             continue
         s = int(slot[group[0]])
@@ -160,8 +183,7 @@ def scan_shard(shard: ShardVectors, queries: np.ndarray, query_ids: np.ndarray, 
             np.broadcast_to(np.arange(b - a), score.shape)
         s_k = np.take_along_axis(score, cols_k, 1)
         i_k = np.where(np.isfinite(s_k), ids[cols_k], -1)
-        best_r = merge_topk((best[0][r], best[1][r]), (i_k, s_k), k)
-        best[0][r], best[1][r] = best_r
+        best[0][r], best[1][r] = merge_topk((best[0][r], best[1][r]), (i_k, s_k), k)
     return best
 
 

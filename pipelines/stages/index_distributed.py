@@ -27,7 +27,7 @@ import ray
 from pipelines.artifacts.embeddings import EmbeddingPart, EmbeddingsInfo, NpyPart, part_rel, uniform_sample
 from pipelines.artifacts.storage import Location, exists, open_location, read_bytes, write_bytes_atomic
 from pipelines.artifacts.versions import fetch_files, file_entry, file_is_valid, load_index_files, put_file
-from pipelines.runtime.procstats import peak_rss_mb
+from pipelines.runtime.procstats import peak_rss_mb, reset_peak_rss
 from pipelines.runtime.ray_session import bounded_as_completed, max_node_cpus
 from pipelines.search.faiss_index import faiss_metric, train_index, train_size, write_index_file
 from pipelines.search.knn import ivf_of, use_blas_for_batches
@@ -65,6 +65,7 @@ def train_task(out_url: str, rel: str, key: str, dim: int, metric: str, sample_r
 
 
     _set_threads(threads)
+    reset_peak_rss()
     cpu = time.process_time()
     x = np.concatenate(ray.get(sample_refs))
     index = faiss.index_factory(dim, key, faiss_metric(metric))
@@ -81,6 +82,7 @@ def add_part_task(out_url: str, part: dict, key: str, dim: int, metric: str, tra
 
 
     _set_threads(1)
+    reset_peak_rss()
     cpu = time.process_time()
     out = open_location(out_url)
     p = EmbeddingPart.from_dict(part)
@@ -105,6 +107,7 @@ def merge_task(out_url: str, folder: str, trained_rel: str, shard_rels: list[str
     import faiss
     from faiss.contrib.ondisk import merge_ondisk
 
+    reset_peak_rss()
     cpu = time.process_time()
     out = open_location(out_url)
     work = out.path(f"{folder}/_build/merge-{uuid.uuid4().hex}") if out.is_local else tempfile.mkdtemp()

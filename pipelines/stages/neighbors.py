@@ -232,7 +232,9 @@ def run_neighbors(*, out: Location, index_version: str | None = None, k: int = 2
         entries, n_actors, cpus, busy = run.entries, 0, 1, 0.0
         cpu_s, peak = run.cpu_seconds, max(run.peak_rss_mb.values())
         how = {"search": "routed", "shards": run.shards, "shard_bytes_max": run.shard_bytes_max,
-               "query_copies": run.query_copies, "peak_rss_mb": run.peak_rss_mb}
+               "query_copies": run.query_copies, "distances_per_chunk": round(run.pairs / max(info.n, 1), 1),
+               "route_cpu_seconds": round(run.route_cpu_seconds, 3), "scan_cpu_seconds": round(run.scan_cpu_seconds, 3),
+               "peak_rss_mb": run.peak_rss_mb}
     else:
         cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
         n_actors = max(1, min(concurrency or cluster_cpus, len(parts), math.ceil(info.n / MIN_ROWS_PER_ACTOR)))

@@ -72,6 +72,12 @@ def sample_recall(out: Location, folder: str, index_folder: str, entries: list[d
         return None
     first = np.asarray([e["first_chunk_id"] for e in entries], dtype=np.int64)
     owner = np.searchsorted(first, ids, side="right") - 1
+    # only the sample ids the entries cover (all of them, unless a benchmark searched some parts)
+    covered = owner >= 0
+    covered[covered] &= ids[covered] < first[owner[covered]] + np.asarray([e["rows"] for e in entries])[owner[covered]]
+    ids, gt_ids, gt_scores, owner = ids[covered], gt_ids[covered], gt_scores[covered], owner[covered]
+    if not len(ids):
+        return None
     found = np.empty((len(ids), k), np.int64)
     for p in np.unique(owner).tolist():
         t = read_table(out, f"{folder}/{entries[p]['path']}", columns=["neighbors"])

@@ -34,7 +34,7 @@ from pipelines.artifacts.embeddings import DocBounds, EmbeddingPart, EmbeddingsI
 from pipelines.artifacts.manifest import part_name
 from pipelines.artifacts.storage import Location, exists, open_location, read_bytes, write_bytes_atomic
 from pipelines.artifacts.versions import open_index
-from pipelines.runtime.procstats import peak_rss_mb
+from pipelines.runtime.procstats import peak_rss_mb, reset_peak_rss
 from pipelines.runtime.ray_session import bounded_as_completed
 from pipelines.search.faiss_index import memory_bytes, write_index_file
 from pipelines.search.knn import empty_topk, ivf_of, merge_topk
@@ -46,10 +46,11 @@ from pipelines.search.routing import (
     scan_shard,
     scores_to_distances,
     shard_bytes_per_vector,
+    shard_pairs,
 )
 from pipelines.stages.neighbors_parts import commit_part, committed_part
 
-ROUTE_BLOCK_ROWS = 16384
+ROUTE_BLOCK_ROWS = 4096  # the probe matrices are rows x (4 x nprobe): keep them small
 WORK = "_routed"
 
 
@@ -102,6 +103,13 @@ def _save(out: Location, rel: str, **arrays) -> None:
 def _load(out: Location, rel: str) -> dict:
     with np.load(io.BytesIO(read_bytes(out, rel))) as z:
         return {name: z[name] for name in z.files}
+
+
+def _cat(arrays: list[np.ndarray], dtype, dim: int = 0) -> np.ndarray:
+    """Concatenate, or an empty array of the right shape when there is nothing."""
+    if arrays:
+        return np.concatenate(arrays).astype(dtype, copy=False)
+    return np.zeros((0, dim) if dim else 0, dtype)
 
 
 def _done(out: Location, job: RoutedJob, step: str, unit: int) -> dict | None:
@@ -160,65 +168,81 @@ def _open_quantizer(out: Location, job: RoutedJob):
 
 
 @ray.remote(num_cpus=1)
-def route_part_task(job: RoutedJob, part: dict, list_shard: np.ndarray, list_sizes: np.ndarray) -> dict:
-    """Step 1 for one part: where its vectors live and where its queries go, written per shard."""
+def route_part_task(job: RoutedJob, part: dict, list_shard: np.ndarray, list_sizes: np.ndarray,
+                    with_queries: bool = True) -> dict:
+    """Step 1 for one part: where its vectors live and (``with_queries``) where its queries go, per shard."""
     import faiss
 
     faiss.omp_set_num_threads(1)
     out, p = open_location(job.out_url), EmbeddingPart.from_dict(part)
     if (done := _done(out, job, "route", p.index)) is not None:
         return done
+    reset_peak_rss()
     cpu = time.process_time()
     quantizer = _open_quantizer(out, job)
     bounds = DocBounds.load(out, job.chunks)
     width = min(len(list_sizes), job.nprobe * MAX_PROBE_FACTOR)
     db: dict[int, list] = {s: [] for s in range(job.shards)}
     qs: dict[int, list] = {s: [] for s in range(job.shards)}
-    for start, block in NpyPart(out, part_rel(p)).blocks(ROUTE_BLOCK_ROWS):
+    npy = NpyPart(out, part_rel(p))
+    for start, block in npy.blocks(ROUTE_BLOCK_ROWS):
         ids = np.arange(p.offset + start, p.offset + start + len(block), dtype=np.int64)
         _, wide = quantizer.search(block, width)
         lo, hi = bounds.range_of(ids)
         probes = probes_needed(wide, list_sizes, job.nprobe, hi - lo + job.k)
+        del wide
         home = list_shard[np.maximum(probes[:, 0], 0)]
-        probe_shard = np.where(probes >= 0, list_shard[np.maximum(probes, 0)], -1)
         half = block.astype(np.float16)
         for s in range(job.shards):
             mine = home == s
             db[s].append((ids[mine], probes[mine, 0], half[mine]))
-            asks = (probe_shard == s).any(1)
-            qs[s].append((ids[asks], half[asks], np.where(probe_shard[asks] == s, probes[asks], -1).astype(np.int32)))
+            if with_queries:
+                rows, lists = shard_pairs(probes, list_shard, s)
+                asks = np.unique(rows)
+                local = np.searchsorted(asks, rows).astype(np.int32)
+                qs[s].append((ids[asks], half[asks], local, lists))
     for s in range(job.shards):
-        _save(out, job.db_rel(s, p.index), ids=np.concatenate([a for a, _, _ in db[s]]),
-              lists=np.concatenate([b for _, b, _ in db[s]]), vecs=np.concatenate([c for _, _, c in db[s]]))
-        _save(out, job.queries_rel(s, p.index), ids=np.concatenate([a for a, _, _ in qs[s]]),
-              vecs=np.concatenate([b for _, b, _ in qs[s]]), probes=np.concatenate([c for _, _, c in qs[s]]))
-    copies = sum(len(a) for s in range(job.shards) for a, _, _ in qs[s])
+        _save(out, job.db_rel(s, p.index), ids=_cat([a[0] for a in db[s]], np.int64),
+              lists=_cat([a[1] for a in db[s]], np.int64), vecs=_cat([a[2] for a in db[s]], np.float16, npy.dim))
+        offsets = np.cumsum([0] + [len(a[0]) for a in qs[s]])
+        _save(out, job.queries_rel(s, p.index), ids=_cat([a[0] for a in qs[s]], np.int64),
+              vecs=_cat([a[1] for a in qs[s]], np.float16, npy.dim),
+              pair_rows=_cat([a[2] + o for a, o in zip(qs[s], offsets)], np.int32),
+              pair_lists=_cat([a[3] for a in qs[s]], np.int32))
+    copies = sum(len(a[0]) for s in range(job.shards) for a in qs[s])
     return _mark_done(out, job, "route", p.index, {"query_copies": copies, "rows": p.rows,
                                                    "cpu_seconds": round(time.process_time() - cpu, 3),
                                                    "peak_rss_mb": peak_rss_mb()})
 
 
 @ray.remote(num_cpus=1)
-def scan_shard_task(job: RoutedJob, shard: int, parts: list[int]) -> dict:
+def scan_shard_task(job: RoutedJob, shard: int, parts: list[int], query_parts: list[int]) -> dict:
     """Step 2 for one shard: its vectors in memory, every part's queries for it scanned exactly."""
     out = open_location(job.out_url)
     if (done := _done(out, job, "scan", shard)) is not None:
         return done
+    reset_peak_rss()
     cpu = time.process_time()
-    rows = [_load(out, job.db_rel(shard, p)) for p in parts]
-    vectors = ShardVectors.from_rows(np.concatenate([r["ids"] for r in rows]), np.concatenate([r["lists"] for r in rows]),
-                                     np.concatenate([r["vecs"] for r in rows]).astype(np.float32))
-    del rows
-    bounds = DocBounds.load(out, job.chunks)
-    scanned = 0
+    pieces = []
     for p in parts:
+        piece = _load(out, job.db_rel(shard, p))
+        pieces.append((piece["ids"], piece["lists"], piece["vecs"]))
+    vectors = ShardVectors.from_pieces(pieces)
+    del pieces
+    bounds = DocBounds.load(out, job.chunks)
+    scanned = pairs = 0
+    sizes = np.zeros(int(vectors.lists.max()) + 1 if len(vectors.lists) else 0, np.int64)
+    sizes[vectors.lists] = vectors.ends - vectors.starts
+    for p in query_parts:
         q = _load(out, job.queries_rel(shard, p))
         lo, hi = bounds.range_of(q["ids"])
-        ids, scores = scan_shard(vectors, q["vecs"].astype(np.float32), q["ids"], q["probes"], lo, hi, job.k, job.metric)
+        ids, scores = scan_shard(vectors, q["vecs"].astype(np.float32), q["ids"], q["pair_rows"], q["pair_lists"], lo, hi,
+                                 job.k, job.metric)
         _save(out, job.result_rel(p, shard), query_ids=q["ids"], ids=ids, scores=scores)
         scanned += len(q["ids"])
+        pairs += int(sizes[q["pair_lists"][q["pair_lists"] < len(sizes)]].sum())
     return _mark_done(out, job, "scan", shard, {"vectors": int(len(vectors.ids)), "shard_bytes": vectors.nbytes,
-                                               "queries": scanned, "cpu_seconds": round(time.process_time() - cpu, 3),
+                                               "queries": scanned, "pairs": pairs, "cpu_seconds": round(time.process_time() - cpu, 3),
                                                "peak_rss_mb": peak_rss_mb()})
 
 
@@ -229,6 +253,7 @@ def merge_part_task(job: RoutedJob, part: dict) -> dict:
     kept = committed_part(out, job.folder, part_name(p.index), p.rows)
     if kept is not None:
         return kept
+    reset_peak_rss()
     cpu = time.process_time()
     chunk_ids = read_part_ids(out, p)
     best = empty_topk(p.rows, job.k)
@@ -252,12 +277,16 @@ class RoutedRun:
     shards: int
     shard_bytes_max: int
     query_copies: int  # (query, shard) pairs routed: N x shards visited per query
+    pairs: int  # (query, vector) distances computed
+    scan_cpu_seconds: float
+    route_cpu_seconds: float
     cpu_seconds: float
     peak_rss_mb: dict
 
 
 def run_routed(out: Location, info: EmbeddingsInfo, *, folder: str, index_version: str, index_param: str, k: int,
-               metric: str, shard_memory: str, concurrency: int) -> RoutedRun:
+               metric: str, shard_memory: str, concurrency: int,
+               query_parts: list[EmbeddingPart] | None = None) -> RoutedRun:
     """Steps 1-3 over every part and shard; returns the parts' manifest entries (in part order).
 
     Args:
@@ -265,6 +294,7 @@ def run_routed(out: Location, info: EmbeddingsInfo, *, folder: str, index_versio
         index_version, index_param: the IVF whose quantizer and ``nprobe`` route the queries.
         k, metric: neighbors per chunk, distance. shard_memory: bytes of vectors per shard (e.g. "2G").
         concurrency: tasks in flight per step.
+        query_parts: search the neighbors of these parts only (all by default; benchmarks time a subset).
     Returns:
         A :class:`RoutedRun`."""
     nprobe, ef = _search_params(index_param)
@@ -289,14 +319,20 @@ def run_routed(out: Location, info: EmbeddingsInfo, *, folder: str, index_versio
             if done == len(items) or done % max(1, len(items) // 5) == 0:
                 print(f"neighbors: routed {label} {done}/{len(items)}", flush=True)
         cpu += sum(r.get("cpu_seconds", 0.0) for r in results)
-        peaks[f"{label}_task"] = max(r.get("peak_rss_mb", 0.0) for r in results)
+        peaks[f"neighbors_{label}_task"] = max(r.get("peak_rss_mb", 0.0) for r in results)
         return results
 
-    routes = step("route", lambda p: route_part_task.remote(job, p.to_dict(), list_shard, sizes_ref), parts)
-    scans = step("scan", lambda s: scan_shard_task.remote(job, s, [p.index for p in parts]), list(range(plan.shards)))
-    entries = step("merge", lambda p: merge_part_task.remote(job, p.to_dict()), parts)
+    queried = parts if query_parts is None else list(query_parts)
+    asked = {p.index for p in queried}
+    routes = step("route", lambda p: route_part_task.remote(job, p.to_dict(), list_shard, sizes_ref, p.index in asked),
+                  parts)
+    scans = step("scan", lambda s: scan_shard_task.remote(job, s, [p.index for p in parts], sorted(asked)),
+                 list(range(plan.shards)))
+    entries = step("merge", lambda p: merge_part_task.remote(job, p.to_dict()), queried)
     for e in entries:
         e.pop("cpu_seconds", None)
         e.pop("peak_rss_mb", None)
-    return RoutedRun(entries, plan.shards, max(s["shard_bytes"] for s in scans),
-                     sum(r["query_copies"] for r in routes), cpu, peaks)
+    return RoutedRun(entries=entries, shards=plan.shards, shard_bytes_max=max(s["shard_bytes"] for s in scans),
+                     query_copies=sum(r["query_copies"] for r in routes), pairs=sum(s["pairs"] for s in scans),
+                     scan_cpu_seconds=sum(s["cpu_seconds"] for s in scans),
+                     route_cpu_seconds=sum(r["cpu_seconds"] for r in routes), cpu_seconds=cpu, peak_rss_mb=peaks)

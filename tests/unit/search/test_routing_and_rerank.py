@@ -17,6 +17,7 @@ from pipelines.search.routing import (
     probes_needed,
     scan_shard,
     shard_bytes_per_vector,
+    shard_pairs,
     spatial_list_order,
 )
 from tests.helpers_embeddings import brute_force_neighbors, load_embeddings, write_synthetic_build
@@ -109,12 +110,19 @@ def test_scan_shard_is_exact_within_the_probed_lists_and_applies_the_neighbor_ru
     doc_first = np.arange(0, n, 5)
     shard_lists = np.array([1, 4, 7])
     mine = np.isin(lists, shard_lists)
-    shard = ShardVectors.from_rows(np.nonzero(mine)[0], lists[mine], x[mine])
+    idx = np.nonzero(mine)[0]
+    half = len(idx) // 2  # built from two pieces, as a scan task does from its parts' files
+    shard = ShardVectors.from_pieces([(idx[:half], lists[idx[:half]], x[idx[:half]].astype(np.float16)),
+                                      (idx[half:], lists[idx[half:]], x[idx[half:]].astype(np.float16))])
+    x = x.astype(np.float16).astype(np.float32)  # the values the shard holds
     q_ids = np.arange(0, n, 3)
     probes = np.stack([rng.permutation(10)[:4] for _ in q_ids])
     lo = doc_first[q_ids // 5]
     hi = lo + 5
-    ids, scores = scan_shard(shard, x[q_ids], q_ids, probes, lo, hi, k, "l2")
+    list_shard = np.where(np.isin(np.arange(10), shard_lists), 0, 1)
+    pair_rows, pair_lists = shard_pairs(probes, list_shard, 0)
+    assert set(pair_lists.tolist()) <= set(shard_lists.tolist()) and len(pair_rows) == np.isin(probes, shard_lists).sum()
+    ids, scores = scan_shard(shard, x[q_ids], q_ids, pair_rows, pair_lists, lo, hi, k, "l2")
     for row, q in enumerate(q_ids):
         allowed = np.isin(lists, np.intersect1d(probes[row], shard_lists)) & ((np.arange(n) < lo[row]) | (np.arange(n) >= hi[row]))
         cand = np.nonzero(allowed)[0]
