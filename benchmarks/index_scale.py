@@ -35,7 +35,7 @@ REAL_PATH = RESULTS / "real_corpus_neighbors.json"
 
 
 def run_size(n: int, *, dim: int, rows_per_part: int, index_key: str, max_index_memory: str, work: str,
-             neighbor_rows: int, shard_memory: str) -> dict:
+             neighbor_rows: int, shard_memory: str, max_query_ms: float) -> dict:
     from pipelines.artifacts.embeddings import load_embeddings_info
     from pipelines.artifacts.storage import open_location
     from pipelines.runtime.procstats import peak_rss_mb
@@ -51,7 +51,8 @@ def run_size(n: int, *, dim: int, rows_per_part: int, index_key: str, max_index_
     gen_s = time.perf_counter() - t
     out = open_location(folder)
     t = time.perf_counter()
-    s = run_index(out=out, index_key=index_key, max_index_memory=max_index_memory, distributed=True, concurrency=2)
+    s = run_index(out=out, index_key=index_key, max_index_memory=max_index_memory, max_query_ms=max_query_ms,
+                  distributed=True, concurrency=2)
     index_s = time.perf_counter() - t
     for line in s.lines():
         print(line, flush=True)
@@ -77,7 +78,7 @@ def run_size(n: int, *, dim: int, rows_per_part: int, index_key: str, max_index_
         "index_build_cpu_seconds": round(s.build_cpu_seconds, 1),  # CPU time measured inside the workers
         "index_query_ms": round(s.query_ms, 4), "recall_at_2_index": round(s.recall_at_k, 4),
         "recall_at_2_index_tuned": round(s.neighbor_recall_at_k, 4),
-        "neighbors_search": "routed", "shard_memory": shard_memory, "shards": how["shards"],
+        "max_query_ms": max_query_ms, "neighbors_search": "routed", "shard_memory": shard_memory, "shards": how["shards"],
         "shard_bytes_max": how["shard_bytes_max"], "shard_visits_per_chunk": round(how["query_copies"] / measured_rows, 2),
         "distances_per_chunk": how["distances_per_chunk"],
         "neighbors_measured_rows": measured_rows, "neighbors_measured_seconds": round(nb_s, 1),
@@ -378,6 +379,8 @@ def main() -> None:
     ap.add_argument("--work", default="")
     ap.add_argument("--neighbor-rows", type=int, default=100_000,
                     help="above this size, time the neighbors of this many chunks (evenly spaced parts) and scale")
+    ap.add_argument("--max-query-ms", type=float, default=100.0,
+                    help="the tuner's CPU budget per query (the build's default is 10; this data needs more probes)")
     ap.add_argument("--shard-memory", default="128M", help="routed neighbors search: vectors one worker holds")
     ap.add_argument("--measure-quantizer", action="store_true",
                     help="also time an HNSW coarse quantizer of 131,072 lists (the 10^9 estimate's assignment cost)")
@@ -392,7 +395,7 @@ def main() -> None:
             for n in [int(float(x)) for x in args.sizes.split(",")]:
                 r = run_size(n, dim=args.dim, rows_per_part=args.rows_per_part, index_key=args.index_key,
                              max_index_memory=args.max_index_memory, work=work, neighbor_rows=args.neighbor_rows,
-                             shard_memory=args.shard_memory)
+                             shard_memory=args.shard_memory, max_query_ms=args.max_query_ms)
                 print(json.dumps(r), flush=True)
                 runs = [x for x in load_results() if x["n"] != n] + [r]
                 save_results(runs, _stored_extras())

@@ -14,10 +14,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from pipelines.artifacts.build_reader import BuildReader, DocSources
+from pipelines.artifacts.embeddings import load_embeddings_info
 from pipelines.artifacts.manifest import require_manifest
 from pipelines.artifacts.storage import open_location
 from pipelines.artifacts.versions import NeighborsReader, open_index, resolve_latest
 from pipelines.runtime.config import fail, option
+from pipelines.search.rerank import ExactVectors
 
 OVERFETCH = 16  # extra candidates asked of the index so that tombstoned chunks can be dropped and k still filled
 
@@ -70,6 +72,12 @@ class BuildSearcher:
                                                   compute_dtype=emb.get("compute_dtype", "auto"), device="cpu",
                                                   cls_id=self.tokenizer.cls_id, pad_id=self.tokenizer.pad_id))
         self.index = open_index(self.data, self.latest["index"])
+        # a lossy index (PQ...) ranks by approximate distances: re-rank its candidates exactly, as the
+        # neighbors stage does, with as many candidates as its tuning found the recall needs
+        index_manifest = require_manifest(self.data, f"index/{self.latest['index']}", "queries")
+        self.metric = index_manifest.get("metric", "l2")
+        self.rerank = int(index_manifest.get("rerank_candidates", 0))
+        self.exact = ExactVectors(self.data, load_embeddings_info(self.data)) if self.rerank else None
 
     def text_of(self, tokens: np.ndarray) -> str:
         return self.tokenizer.tokenizer.decode([int(t) for t in tokens if t], skip_special_tokens=True)
@@ -88,7 +96,9 @@ class BuildSearcher:
         row = np.zeros((1, c + 1), np.int64)
         row[0, :len(ids)] = ids
         query = self.encoder.embed(row).astype(np.float32)
-        distances, found = self.index.search(query, min(k + OVERFETCH, self.reader.n_chunks))
+        distances, found = self.index.search(query, min(max(k + OVERFETCH, self.rerank), self.reader.n_chunks))
+        if self.exact is not None:
+            distances, found = self.exact.rescore(query, found, self.metric)
         keep = found[0] >= 0
         keep[keep] = ~self.reader.dead(found[0][keep])
         return self.hits(found[0][keep][:k], distances[0][keep][:k])

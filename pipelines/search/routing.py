@@ -143,13 +143,16 @@ class ShardVectors:
         return self.ids.nbytes + self.vecs.nbytes + self.norms.nbytes
 
 
-def shard_pairs(probes: np.ndarray, list_shard: np.ndarray, shard: int) -> tuple[np.ndarray, np.ndarray]:
-    """(row, list) of every probe of ``probes`` (-1: none) whose list lives in ``shard``: what a
-    query brings to that shard, compact whatever the probe width."""
+def pairs_by_shard(probes: np.ndarray, list_shard: np.ndarray, shards: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each shard, (row, list) of every probe of ``probes`` (-1: none) whose list lives there, rows
+    ascending: what the queries bring to that shard, compact whatever the probe width."""
     rows, cols = np.nonzero(probes >= 0)
     lists = probes[rows, cols]
-    mine = list_shard[lists] == shard
-    return rows[mine].astype(np.int32), lists[mine].astype(np.int32)
+    owner = list_shard[lists]
+    order = np.argsort(owner, kind="stable")
+    cuts = np.searchsorted(owner[order], np.arange(shards + 1))
+    return [(rows[order[a:b]].astype(np.int32), lists[order[a:b]].astype(np.int32))
+            for a, b in zip(cuts[:-1], cuts[1:])]
 
 
 def scan_shard(shard: ShardVectors, queries: np.ndarray, query_ids: np.ndarray, pair_rows: np.ndarray,

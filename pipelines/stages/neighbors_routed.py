@@ -41,15 +41,16 @@ from pipelines.search.knn import empty_topk, ivf_of, merge_topk
 from pipelines.search.routing import (
     MAX_PROBE_FACTOR,
     ShardVectors,
+    pairs_by_shard,
     plan_shards,
     probes_needed,
     scan_shard,
     scores_to_distances,
     shard_bytes_per_vector,
-    shard_pairs,
 )
 from pipelines.stages.neighbors_parts import commit_part, committed_part
 
+SCAN_BLOCK_ROWS = 4096  # queries scanned at once in a shard
 ROUTE_BLOCK_ROWS = 4096  # the probe matrices are rows x (4 x nprobe): keep them small
 WORK = "_routed"
 
@@ -190,14 +191,17 @@ def route_part_task(job: RoutedJob, part: dict, list_shard: np.ndarray, list_siz
         _, wide = quantizer.search(block, width)
         lo, hi = bounds.range_of(ids)
         probes = probes_needed(wide, list_sizes, job.nprobe, hi - lo + job.k)
+        wide_first = wide[:, 0]
         del wide
         home = list_shard[np.maximum(probes[:, 0], 0)]
         half = block.astype(np.float16)
+        pairs = pairs_by_shard(probes, list_shard, job.shards) if with_queries else []
+        del probes
         for s in range(job.shards):
             mine = home == s
-            db[s].append((ids[mine], probes[mine, 0], half[mine]))
+            db[s].append((ids[mine], wide_first[mine], half[mine]))
             if with_queries:
-                rows, lists = shard_pairs(probes, list_shard, s)
+                rows, lists = pairs[s]
                 asks = np.unique(rows)
                 local = np.searchsorted(asks, rows).astype(np.int32)
                 qs[s].append((ids[asks], half[asks], local, lists))
@@ -213,6 +217,22 @@ def route_part_task(job: RoutedJob, part: dict, list_shard: np.ndarray, list_siz
     return _mark_done(out, job, "route", p.index, {"query_copies": copies, "rows": p.rows,
                                                    "cpu_seconds": round(time.process_time() - cpu, 3),
                                                    "peak_rss_mb": peak_rss_mb()})
+
+
+def _scan_in_blocks(vectors: ShardVectors, q: dict, bounds: DocBounds, job: RoutedJob) -> tuple[np.ndarray, np.ndarray]:
+    """One part's queries for this shard, SCAN_BLOCK_ROWS at a time: the transient arrays (pairs, scores)
+    are bounded by the block, not by the part."""
+    n = len(q["ids"])
+    ids, scores = np.empty((n, job.k), np.int64), np.empty((n, job.k), np.float32)
+    cuts = np.searchsorted(q["pair_rows"], np.arange(0, n + SCAN_BLOCK_ROWS, SCAN_BLOCK_ROWS))
+    for b, start in enumerate(range(0, n, SCAN_BLOCK_ROWS)):
+        rows = slice(start, min(n, start + SCAN_BLOCK_ROWS))
+        pairs = slice(cuts[b], cuts[b + 1])
+        lo, hi = bounds.range_of(q["ids"][rows])
+        ids[rows], scores[rows] = scan_shard(vectors, q["vecs"][rows].astype(np.float32), q["ids"][rows],
+                                             q["pair_rows"][pairs] - start, q["pair_lists"][pairs], lo, hi, job.k,
+                                             job.metric)
+    return ids, scores
 
 
 @ray.remote(num_cpus=1)
@@ -235,9 +255,7 @@ def scan_shard_task(job: RoutedJob, shard: int, parts: list[int], query_parts: l
     sizes[vectors.lists] = vectors.ends - vectors.starts
     for p in query_parts:
         q = _load(out, job.queries_rel(shard, p))
-        lo, hi = bounds.range_of(q["ids"])
-        ids, scores = scan_shard(vectors, q["vecs"].astype(np.float32), q["ids"], q["pair_rows"], q["pair_lists"], lo, hi,
-                                 job.k, job.metric)
+        ids, scores = _scan_in_blocks(vectors, q, bounds, job)
         _save(out, job.result_rel(p, shard), query_ids=q["ids"], ids=ids, scores=scores)
         scanned += len(q["ids"])
         pairs += int(sizes[q["pair_lists"][q["pair_lists"] < len(sizes)]].sum())

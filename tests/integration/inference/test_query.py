@@ -106,3 +106,29 @@ def test_unpublished_build_is_one_error_line(published_build, tmp_path, capsys):
     (out / "LATEST").unlink()
     code, _, err = query(capsys, "--data", str(out), "--text", "x")
     assert code == 2 and "no index has been published yet" in err
+
+
+def test_a_lossy_index_is_re_ranked_exactly(published_build, chunks, tmp_path):
+    """With a compressed key forced, the hits' distances are the exact ones from the stored embeddings
+    (not PQ estimates), in order, and a chunk's own text still finds it first."""
+    from pipelines.artifacts.embeddings import gather_rows, load_embeddings_info
+    from pipelines.inference.query import BuildSearcher
+    from pipelines.stages.index import run_index
+    from pipelines.stages.neighbors import run_neighbors
+
+    shutil.copytree(published_build / "build", tmp_path / "build")
+    out = open_location(str(tmp_path / "build"))
+    s = run_index(out=out, index_key="IVF4,PQ8", concurrency=2)
+    run_neighbors(out=out, index_version=s.version, concurrency=2)
+    assert s.rerank > 0
+    tokens, _, first, _ = chunks
+    target = int(first[2])
+    searcher = BuildSearcher(str(tmp_path / "build"))
+    got = searcher.search_text(decode(tokens[target, :16]), 5)
+    ids = np.asarray([h.chunk_id for h in got])
+    x = gather_rows(out, load_embeddings_info(out), np.sort(ids))[np.argsort(np.argsort(ids))]
+    assert got[0].distance < 1e-3 and (ids[0] == target or got[0].text == got[1].text)  # itself, or its twin
+    dist = np.asarray([h.distance for h in got])
+    assert (np.diff(dist) >= 0).all()
+    exact = ((x - x[0]) ** 2).sum(1)  # the first hit is the query's own chunk (distance ~0)
+    np.testing.assert_allclose(dist, exact, rtol=1e-2, atol=1e-3)

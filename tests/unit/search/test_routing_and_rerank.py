@@ -13,11 +13,11 @@ from pipelines.search.rerank import ExactVectors, is_lossy
 from pipelines.search.routing import (
     ShardVectors,
     check_search_mode,
+    pairs_by_shard,
     plan_shards,
     probes_needed,
     scan_shard,
     shard_bytes_per_vector,
-    shard_pairs,
     spatial_list_order,
 )
 from tests.helpers_embeddings import brute_force_neighbors, load_embeddings, write_synthetic_build
@@ -120,7 +120,7 @@ def test_scan_shard_is_exact_within_the_probed_lists_and_applies_the_neighbor_ru
     lo = doc_first[q_ids // 5]
     hi = lo + 5
     list_shard = np.where(np.isin(np.arange(10), shard_lists), 0, 1)
-    pair_rows, pair_lists = shard_pairs(probes, list_shard, 0)
+    pair_rows, pair_lists = pairs_by_shard(probes, list_shard, 2)[0]
     assert set(pair_lists.tolist()) <= set(shard_lists.tolist()) and len(pair_rows) == np.isin(probes, shard_lists).sum()
     ids, scores = scan_shard(shard, x[q_ids], q_ids, pair_rows, pair_lists, lo, hi, k, "l2")
     for row, q in enumerate(q_ids):
