@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipelines.artifacts.storage import RetriesExhausted
 from pipelines.runtime.config import fail, parse_config
 from pipelines.stages.build_config import BuildConfig
 
@@ -28,12 +29,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.build_index", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     cfg = parse_config(BuildConfig, parser, argv)
+    from pipelines.runtime.ray_session import task_cause
     from pipelines.stages.build import run_build
 
     try:
         return run_build(cfg)
     except (FileNotFoundError, PermissionError, ValueError) as e:
-        fail(str(e))
+        fail(str(task_cause(e)))
+    except RetriesExhausted as e:
+        fail(f"{task_cause(e)}; nothing of that stage was committed: rerun the same command to resume "
+             "(finished work is kept)", code=1)
 
 
 if __name__ == "__main__":

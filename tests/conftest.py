@@ -96,3 +96,18 @@ def published_build(tmp_path_factory, plays, ray_local) -> Path:
     assert run_build(BuildConfig(corpus=[str(corpus)], out=str(d / "build"), chunk_size=16, seq_len=64,
                                  unit_mb=0.004, concurrency=2, k=2)) == 0
     return d
+
+
+@pytest.fixture
+def flaky(monkeypatch):
+    """The ``flaky://`` filesystem (tests/helpers_flaky.py) with no faults yet; retries do not wait, and files
+    are read in small pieces so that a fault can land in the middle of one."""
+    from pipelines.artifacts import storage
+    from tests.helpers_flaky import FlakyFileSystem, register
+
+    register()
+    FlakyFileSystem.reset()
+    monkeypatch.setattr(storage, "RETRY", storage.Backoff(attempts=3, first_delay_s=0.0))
+    monkeypatch.setattr(storage, "READ_BUFFER_BYTES", 512)
+    yield FlakyFileSystem
+    FlakyFileSystem.reset()

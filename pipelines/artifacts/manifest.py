@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from pipelines.artifacts.storage import Location, exists, read_bytes, sha256_bytes, write_bytes_atomic
+from pipelines.artifacts.storage import Location, exists, read_bytes, sha256_bytes, size, write_bytes_atomic
 
 MANIFEST_NAME = "_manifest.json"
 _SOURCE_ROOT = Path(__file__).resolve().parent.parent
@@ -67,7 +67,7 @@ def part_is_valid(loc: Location, folder: str, entry: dict) -> bool:
     """True when the part exists with the recorded size and sha256."""
     rel = f"{folder}/{entry['path']}"
     try:
-        if loc.fs.size(loc.path(rel)) != entry["bytes"]:
+        if size(loc, rel) != entry["bytes"]:
             return False
         return sha256_bytes(read_bytes(loc, rel)) == entry["sha256"]
     except FileNotFoundError:

@@ -10,6 +10,7 @@ same inputs and settings resumes that folder instead of starting another one.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -23,7 +24,8 @@ import numpy as np
 
 from pipelines.artifacts.manifest import MANIFEST_NAME, read_manifest
 from pipelines.artifacts.parquet import read_table
-from pipelines.artifacts.storage import Location, exists, open_location, read_bytes, remove_tree, write_bytes_atomic
+from pipelines.artifacts.storage import (Location, exists, list_names, open_input, open_location, read_bytes, remove_tree,
+                                         retry, size, write_bytes_atomic)
 
 LATEST = "LATEST"
 FINGERPRINT = "_fingerprint.json"
@@ -35,11 +37,7 @@ _VERSION = re.compile(r"^v(\d{4,})$")
 
 def list_versions(out: Location, kind: str) -> list[str]:
     """Version folder names under ``kind`` (complete or not), oldest first."""
-    d = out.path(kind)
-    if not out.fs.exists(d):
-        return []
-    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in out.fs.ls(d, detail=False)]
-    return sorted((n for n in names if _VERSION.match(n)), key=lambda n: int(n[1:]))
+    return sorted((n for n in list_names(out, kind) if _VERSION.match(n)), key=lambda n: int(n[1:]))
 
 
 def is_complete(out: Location, kind: str, version: str) -> bool:
@@ -96,20 +94,20 @@ def fingerprint_of(obj) -> str:
 def file_sha256(out: Location, rel: str, block: int = 16 << 20) -> str:
     """sha256 of a (possibly large) file without holding it in memory."""
     h = hashlib.sha256()
-    with out.fs.open(out.path(rel), "rb") as f:
+    with open_input(out.child(rel)) as f:
         while data := f.read(block):
             h.update(data)
     return h.hexdigest()
 
 
 def file_entry(out: Location, rel: str, name: str, **extra) -> dict:
-    return {"path": name, "bytes": int(out.fs.size(out.path(rel))), "sha256": file_sha256(out, rel), **extra}
+    return {"path": name, "bytes": size(out, rel), "sha256": file_sha256(out, rel), **extra}
 
 
 def file_is_valid(out: Location, folder: str, entry: dict) -> bool:
     rel = f"{folder}/{entry['path']}"
     try:
-        return out.fs.size(out.path(rel)) == entry["bytes"] and file_sha256(out, rel) == entry["sha256"]
+        return size(out, rel) == entry["bytes"] and file_sha256(out, rel) == entry["sha256"]
     except FileNotFoundError:
         return False
 
@@ -126,7 +124,7 @@ def put_file(out: Location, rel: str, local_path: str, *, move: bool = False) ->
             shutil.copyfile(local_path, tmp)
         os.replace(tmp, final)
     else:
-        out.fs.put_file(local_path, final)
+        retry(functools.partial(out.fs.put_file, local_path, final), f"write {out.url_of(rel)}")
 
 
 # ----------------------------------------------------------------------------- LATEST

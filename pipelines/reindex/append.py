@@ -13,6 +13,7 @@ folders never disagree for longer than a run.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections import Counter
@@ -21,11 +22,12 @@ from dataclasses import dataclass
 import ray
 
 from pipelines.artifacts.manifest import MANIFEST_NAME, code_version, read_manifest
-from pipelines.artifacts.storage import Location, exists, read_bytes, remove_tree, write_bytes_atomic
+from pipelines.artifacts.storage import Location, exists, read_bytes, remove, remove_tree, write_bytes_atomic
 from pipelines.artifacts.tombstones import FOLDER as TOMBSTONES
 from pipelines.artifacts.tombstones import Tombstones, tombstones_table, write_tombstones_part
 from pipelines.artifacts.versions import fingerprint_of
 from pipelines.reindex.scan import CorpusDelta
+from pipelines.stages.build_config import BuildConfig
 from pipelines.stages.tokenize import OUTPUT_FOLDERS, STAGING, TokenizeSettings, finalize_task, stage_or_load_unit
 from pipelines.text.corpus import WorkUnit
 from pipelines.text.tokenizer import load_tokenizer
@@ -55,7 +57,7 @@ def tokenize_settings(out: Location, text_field: str = "") -> TokenizeSettings:
     if not tokenizer:
         raise ValueError(f"{out.url_of('chunks')}/_manifest.json does not name the tokenizer that made the chunks")
     return TokenizeSettings(int(m["chunk_size"]), int(m["seq_len"]), text_field or cfg.get("text_field", "text"),
-                            tokenizer, 0)
+                            tokenizer, 0, float(m.get("max_doc_mb", BuildConfig.max_doc_mb)))
 
 
 def next_part_index(out: Location) -> int:
@@ -119,7 +121,7 @@ def apply_pending(out: Location) -> bool:
     journal = json.loads(read_bytes(out, PENDING))
     for folder in journal["order"]:
         _write_manifest_dict(out, folder, journal["manifests"][folder])
-    out.fs.rm(out.path(PENDING))
+    remove(out, PENDING)
     remove_tree(out, STAGING)  # this run's units, and any a killed run of another plan left (we hold the lock)
     return True
 
@@ -134,8 +136,7 @@ def append_delta(out: Location, delta: CorpusDelta, settings: TokenizeSettings, 
     totals = dict(chunks_m["totals"])
     next_doc, next_chunk = int(totals["documents"]), int(totals["chunks"])
     first_index = next_part_index(out)
-    settings = TokenizeSettings(settings.chunk_size, settings.seq_len, settings.text_field, settings.tokenizer,
-                                delta.unit_bytes)
+    settings = dataclasses.replace(settings, unit_bytes=delta.unit_bytes)
     units = plan_append_units(delta, first_index)
     tok = load_tokenizer(settings.tokenizer)
     plan = fingerprint_of({"units": [u.to_dict() for u, _, _ in units], "keep": [k for _, k, _ in units],

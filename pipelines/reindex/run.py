@@ -82,6 +82,10 @@ class ReindexSummary:
             out.append(f"reindex: corpus scanned in {d.seconds:.1f} s: {d.documents_seen} documents, {len(d.added)} added, "
                        f"{len(d.changed)} changed, {len(d.removed)} removed, {len(d.quarantined)} now quarantined, "
                        f"{d.unchanged} unchanged; {d.new_bad} new quarantine records")
+            if d.not_read:
+                out.append(f"reindex: {len(d.not_read)} input(s) could not be read ({', '.join(d.not_read[:3])}"
+                           f"{', ...' if len(d.not_read) > 3 else ''}); the {d.kept_unread} live documents they held "
+                           "are kept as they were")
         if self.resumed_append:
             out.append("reindex: finished the append of a run that was killed")
         if self.append.parts or self.append.tombstoned_documents:
@@ -298,7 +302,7 @@ def run_reindex(*, corpus: list[str], out: Location, text_field: str = "", index
         summary.base = (base.index_version, base.neighbors_version)
         tomb = Tombstones.load(out)
         settings = tokenize_settings(out, text_field)
-        summary.delta = scan_corpus(out, corpus, settings.text_field, tomb)
+        summary.delta = scan_corpus(out, corpus, settings, tomb)
         if not summary.delta.empty:
             lock.verify()
             summary.append = append_delta(out, summary.delta, settings, tomb, f"{summary.started}-{uuid.uuid4().hex[:8]}")

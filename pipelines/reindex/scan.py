@@ -9,12 +9,16 @@ Nothing is tokenized here.
 The driver names each record by its source (the tokenize stage's ``source``: URL, plus
 ``#line=N``/``#row=N``), and compares with the live documents of ``docs/`` (those without a
 tombstone): a source not there is *added*, one with another hash *changed*, a live document whose
-source was not seen *removed*. Driver memory is O(documents): about 150 bytes each.
+source was not seen *removed*. A document is never retired because its input could not be read: when a
+file or folder comes back unreadable (:data:`pipelines.text.readers.NOT_READ`), the live documents it
+held stay as they are, and a storage failure that outlasts the retries stops the scan. Driver memory is
+O(documents): about 150 bytes each.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,20 +29,20 @@ from pipelines.artifacts.manifest import read_manifest
 from pipelines.artifacts.parquet import read_table
 from pipelines.artifacts.storage import Location
 from pipelines.artifacts.tombstones import Tombstones
-from pipelines.stages.tokenize import _record_offsets, _source, auto_unit_bytes
+from pipelines.stages.tokenize import TokenizeSettings, _record_offsets, _source, auto_unit_bytes
 from pipelines.text.corpus import WorkItem, WorkUnit, list_corpus, plan_units
-from pipelines.text.readers import read_item
+from pipelines.text.readers import NOT_READ, read_item
 
 IN_PROCESS_SCAN_BYTES = 16 << 20
 
 
-def scan_unit(unit: WorkUnit, text_field: str) -> dict:
+def scan_unit(unit: WorkUnit, text_field: str, max_doc_bytes: int) -> dict:
     """Hash every record of one unit: ``docs`` (item, position, sha256, bytes) and ``bad`` (item,
     position, reason, detail), plus the record count of each item (for global line numbers)."""
     docs, bad = [], []
     item_records = [0] * len(unit.items)
     for i, item in enumerate(unit.items):
-        for rec in read_item(item, text_field):
+        for rec in read_item(item, text_field, max_doc_bytes):
             if rec.position >= 0:
                 item_records[i] = rec.position + 1
             if rec.text is None:
@@ -50,18 +54,18 @@ def scan_unit(unit: WorkUnit, text_field: str) -> dict:
 
 
 @ray.remote(num_cpus=1)
-def scan_units_task(units_json: list[str], text_field: str) -> list[dict]:
-    return [scan_unit(WorkUnit.from_dict(json.loads(u)), text_field) for u in units_json]
+def scan_units_task(units_json: list[str], text_field: str, max_doc_bytes: int) -> list[dict]:
+    return [scan_unit(WorkUnit.from_dict(json.loads(u)), text_field, max_doc_bytes) for u in units_json]
 
 
-def scan_all(units: list[WorkUnit], files_bytes: int, text_field: str) -> list[dict]:
+def scan_all(units: list[WorkUnit], files_bytes: int, text_field: str, max_doc_bytes: int) -> list[dict]:
     """Scan every unit: in this process for a small corpus (reading and hashing a few MiB costs less
     than starting Ray workers), else as Ray tasks of several units each (about 4 per CPU)."""
     if files_bytes <= IN_PROCESS_SCAN_BYTES:
-        return [scan_unit(u, text_field) for u in units]
+        return [scan_unit(u, text_field, max_doc_bytes) for u in units]
     n_tasks = max(1, min(len(units), 4 * int(ray.cluster_resources().get("CPU", 1))))
     groups = [[json.dumps(u.to_dict()) for u in units[i::n_tasks]] for i in range(n_tasks)]
-    return [s for batch in ray.get([scan_units_task.remote(g, text_field) for g in groups]) for s in batch]
+    return [s for batch in ray.get([scan_units_task.remote(g, text_field, max_doc_bytes) for g in groups]) for s in batch]
 
 
 @dataclass
@@ -87,6 +91,8 @@ class CorpusDelta:
     removed: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     quarantined: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # a live document's input now bad
     new_bad: int = 0
+    not_read: list[str] = field(default_factory=list)  # files and folders that could not be read this time
+    kept_unread: int = 0  # live documents left as they are because their input could not be read
     documents_seen: int = 0
     unchanged: int = 0
     unit_bytes: int = 0
@@ -130,15 +136,30 @@ def quarantined_before(out: Location) -> set[tuple[str, str, str]]:
     return seen
 
 
-def scan_corpus(out: Location, corpus: list[str], text_field: str, tomb: Tombstones) -> CorpusDelta:
-    """List, hash and compare: the delta the re-index has to apply (no writes)."""
+def _held_by(source: str, not_read: set[str]) -> bool:
+    """True when the file of ``source``, or a folder above it, is in ``not_read``."""
+    url = re.sub(r"#(?:line|row)=\d+$", "", source)
+    while url:
+        if url in not_read:
+            return True
+        url = url.rpartition("/")[0]
+    return False
+
+
+def scan_corpus(out: Location, corpus: list[str], settings: TokenizeSettings, tomb: Tombstones) -> CorpusDelta:
+    """List, hash and compare: the delta the re-index has to apply (no writes).
+
+    Raises:
+        RetriesExhausted: the storage kept failing; nothing is retired on a partial view of the corpus.
+    """
     start = time.perf_counter()
-    files = list_corpus(corpus, exclude_root=out.root if out.is_local else None)
+    files = list_corpus(corpus, exclude=out)
     unit_bytes = auto_unit_bytes(files)
     units = plan_units(files, unit_bytes)
     live = live_documents(out, tomb)
     seen_bad = quarantined_before(out)
-    scans = sorted(scan_all(units, sum(f.size for f in files), text_field), key=lambda s: s["index"])
+    scans = sorted(scan_all(units, sum(f.size for f in files), settings.text_field, settings.max_doc_bytes),
+                   key=lambda s: s["index"])
     offsets = _record_offsets(units, [s["item_records"] for s in scans])
 
     delta = CorpusDelta(units, offsets, [], unit_bytes=unit_bytes)
@@ -152,7 +173,9 @@ def scan_corpus(out: Location, corpus: list[str], text_field: str, tomb: Tombsto
             item: WorkItem = unit.items[i]
             source = _source(item.url, item.fmt, p + unit_offsets[i] if p >= 0 else p)
             if kind == "bad":
-                if source in live and source not in seen:
+                if a in NOT_READ:
+                    delta.not_read.append(source)
+                elif source in live and source not in seen:
                     delta.quarantined[source] = _ids(live[source])
                 if (source, a, b) not in seen_bad:
                     delta.selected.append(Selected(unit.index, i, p, 0))
@@ -171,7 +194,10 @@ def scan_corpus(out: Location, corpus: list[str], text_field: str, tomb: Tombsto
                 delta.added.append(source)
             else:
                 delta.changed[source] = _ids(old)
-    delta.removed = {s: _ids(v) for s, v in live.items() if s not in seen and s not in delta.quarantined}
+    gone = [s for s in live if s not in seen and s not in delta.quarantined]
+    not_read = set(delta.not_read)
+    delta.removed = {s: _ids(live[s]) for s in gone if not _held_by(s, not_read)}
+    delta.kept_unread = len(gone) - len(delta.removed)
     delta.bad_reasons = dict(reasons)
     delta.seconds = time.perf_counter() - start
     return delta

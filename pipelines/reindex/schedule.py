@@ -42,16 +42,17 @@ def run_schedule(cfg: ReindexConfig) -> int:
     Returns:
         The exit code of the last run: 0, 1 (a failed run), or ``EXIT_BUSY`` (another run holds the lock).
     """
-    from pipelines.artifacts.storage import open_location
+    from pipelines.artifacts.storage import RetriesExhausted, open_location
     from pipelines.artifacts.versions import resolve_latest
-    from pipelines.runtime.ray_session import init_ray
+    from pipelines.runtime.ray_session import init_ray, task_cause
     from pipelines.text.corpus import list_corpus
 
+    one_line_errors = (FileNotFoundError, PermissionError, ValueError, RetriesExhausted)
     try:
         out = open_location(cfg.out)
         resolve_latest(out)  # a missing build fails here, in one line, before Ray starts
-        list_corpus(cfg.corpus, exclude_root=out.root if out.is_local else None)
-    except (FileNotFoundError, PermissionError, ValueError) as e:
+        list_corpus(cfg.corpus, exclude=out)
+    except one_line_errors as e:
         fail(str(e))
     init_ray(cfg.ray_address or None, cfg.num_cpus or None)
     period = parse_every(cfg.every)
@@ -60,10 +61,10 @@ def run_schedule(cfg: ReindexConfig) -> int:
         started = time.time()
         try:
             code = run_once(cfg)
-        except (FileNotFoundError, PermissionError, ValueError) as e:
+        except one_line_errors as e:  # a storage failure retires nothing: the next run sees the whole corpus
             if not period:
-                fail(str(e))
-            print(f"reindex: run failed: {e}", file=sys.stderr, flush=True)
+                fail(str(task_cause(e)))
+            print(f"reindex: run failed: {task_cause(e)}", file=sys.stderr, flush=True)
             code = 1
         except Exception:  # noqa: BLE001 - a periodic driver reports a failed run and keeps its schedule
             if not period:

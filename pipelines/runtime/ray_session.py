@@ -81,6 +81,13 @@ def run_bounded(submit: Callable[[Any], ray.ObjectRef], items: list, limit: int,
     return results
 
 
+def task_cause(e: BaseException) -> BaseException:
+    """The exception a Ray task raised, without Ray's wrapper (whose text is the remote traceback), so that a
+    job reports it in one line."""
+    cause = getattr(e, "cause", None) if isinstance(e, ray.exceptions.RayTaskError) else None
+    return cause if isinstance(cause, BaseException) else e
+
+
 def max_node_cpus() -> int:
     """CPUs of the largest live node: the most threads one task or actor can be given."""
     return max([int(n["Resources"].get("CPU", 1)) for n in ray.nodes() if n.get("Alive")] or [1])

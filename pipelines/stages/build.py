@@ -15,7 +15,7 @@ def _tokenize(cfg: BuildConfig, out: Location, corpus: list[str], concurrency: i
 
     return run_tokenize(corpus=corpus, out=out, chunk_size=cfg.chunk_size, seq_len=cfg.seq_len,
                         text_field=cfg.text_field, tokenizer=cfg.tokenizer, unit_bytes=int(cfg.unit_mb * (1 << 20)),
-                        concurrency=concurrency, config={**config_to_dict(cfg), "corpus": corpus})
+                        max_doc_mb=cfg.max_doc_mb, concurrency=concurrency, config={**config_to_dict(cfg), "corpus": corpus})
 
 
 def embed_workers(concurrency: int, cpus_per_worker: float, gpus_per_worker: float, cluster_gpus: float) -> int:
@@ -80,7 +80,7 @@ def run_build(cfg: BuildConfig) -> int:
     if "tokenize" in stages:
         from pipelines.text.corpus import list_corpus
 
-        list_corpus(corpus, exclude_root=out.root if out.is_local else None)  # a missing corpus fails here, before Ray starts
+        list_corpus(corpus, exclude=out)  # a missing corpus fails here, before Ray starts
     init_ray(cfg.ray_address or None, cfg.num_cpus or None)
     concurrency = cfg.concurrency or cluster_cpus()
     code = 0

@@ -32,6 +32,8 @@ class BuildConfig:
     tokenizer: str = option("packaged:all-MiniLM-L6-v2", "tokenizer: the packaged default encoder's, a Hugging Face name, or a local path")
     unit_mb: float = option(0.0, "input MiB per tokenize work unit (and per output part); 0 = automatic (1-64 MiB)")
     max_bad_fraction: float = option(0.01, "exit non-zero when more than this fraction of the documents is quarantined")
+    max_doc_mb: float = option(64.0, "largest document in MiB (a text file, a jsonl line, a parquet value); a larger one "
+                                     "is quarantined as too_large, and no reader holds more than this of one document")
     concurrency: int = option(0, "parallel workers per stage; 0 = every CPU of the Ray cluster")
     encoder: str = option("packaged:all-MiniLM-L6-v2", "chunk encoder: the packaged all-MiniLM-L6-v2, a Hugging Face name, "
                                                         "or a local path (read offline here)")
@@ -67,6 +69,8 @@ class BuildConfig:
             raise ValueError(f"--seq-len ({self.seq_len}) must be a positive multiple of --chunk-size ({self.chunk_size})")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError(f"--max-bad-fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if self.max_doc_mb <= 0:
+            raise ValueError(f"--max-doc-mb must be positive, got {self.max_doc_mb}")
         if self.unit_mb < 0 or self.concurrency < 0 or self.num_cpus < 0:
             raise ValueError("--unit-mb, --concurrency and --num-cpus must not be negative")
         if self.pooling not in ("mean", "cls"):

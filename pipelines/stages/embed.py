@@ -22,7 +22,18 @@ import ray
 from models.encoder import ChunkEncoder, EncoderConfig
 from pipelines.artifacts.manifest import part_is_valid, read_manifest, require_manifest, write_manifest
 from pipelines.artifacts.parquet import read_table, write_table
-from pipelines.artifacts.storage import Location, exists, open_location, read_bytes, remove_tree, sha256_bytes, write_bytes_atomic
+from pipelines.artifacts.storage import (
+    Location,
+    exists,
+    list_names,
+    open_input,
+    open_location,
+    read_bytes,
+    remove,
+    remove_tree,
+    sha256_bytes,
+    write_bytes_atomic,
+)
 from pipelines.text.tokenizer import load_tokenizer, resolve_model_path
 
 FOLDER = "embeddings"
@@ -161,7 +172,7 @@ def run_embed(*, out: Location, encoder: str, pooling: str, embedding_dtype: str
             and all(_committed(out, fingerprint, p, chunk_sha[p]) for p in parts):
         return EmbedSummary(done["totals"]["chunks"], 0, len(done["parts"]), 0.0, done["dim"], up_to_date=True)
     if done:
-        out.fs.rm(out.path(f"{FOLDER}/_manifest.json"))  # it must not vouch for parts being replaced
+        remove(out, f"{FOLDER}/_manifest.json")  # it must not vouch for parts being replaced
 
     entries = {p: _committed(out, fingerprint, p, chunk_sha[p]) for p in parts}
     todo = [p for p in parts if entries[p] is None]
@@ -194,7 +205,7 @@ def run_embed(*, out: Location, encoder: str, pooling: str, embedding_dtype: str
 def _dim_of(out: Location, entries: list[dict]) -> int:
     """Read the dim from the first part's .npy header (a few hundred bytes, not the data)."""
     for e in entries:
-        with out.fs.open(out.path(f"{FOLDER}/{e['path']}"), "rb") as f:
+        with open_input(out.child(FOLDER, e["path"])) as f:
             version = np.lib.format.read_magic(f)
             shape, _, _ = np.lib.format._read_array_header(f, version)
             if len(shape) == 2:
@@ -203,8 +214,6 @@ def _dim_of(out: Location, entries: list[dict]) -> int:
 
 
 def _remove_stale_records(out: Location, keep: str) -> None:
-    d = out.path(RECORDS)
-    if out.fs.isdir(d):
-        for p in out.fs.ls(d, detail=False):
-            if p.rstrip("/").rsplit("/", 1)[-1] != keep:
-                remove_tree(out, f"{RECORDS}/{p.rstrip('/').rsplit('/', 1)[-1]}")
+    for name in list_names(out, RECORDS):
+        if name != keep:
+            remove_tree(out, f"{RECORDS}/{name}")

@@ -25,12 +25,23 @@ import ray
 
 from pipelines.artifacts.manifest import invalid_parts, part_name, read_manifest, write_manifest
 from pipelines.artifacts.parquet import write_table
-from pipelines.artifacts.storage import Location, exists, open_location, read_bytes, remove_tree, write_bytes_atomic
+from pipelines.artifacts.storage import (
+    Location,
+    exists,
+    list_names,
+    one_line,
+    open_location,
+    read_bytes,
+    remove,
+    remove_tree,
+    write_bytes_atomic,
+)
 from pipelines.runtime.ray_session import run_bounded
+from pipelines.stages.build_config import BuildConfig
 from pipelines.text.chunking import doc_to_chunks, seq_starts
 from pipelines.text.corpus import InputFile, WorkUnit, list_corpus, plan_fingerprint, plan_units
-from pipelines.text.readers import Record, read_item
-from pipelines.text.tokenizer import ChunkTokenizer, load_tokenizer
+from pipelines.text.readers import TOKENIZER_REJECTED, Record, read_item
+from pipelines.text.tokenizer import ChunkTokenizer, encode_each, load_tokenizer
 
 OUTPUT_FOLDERS = ("docs", "seqs", "quarantine", "chunks")  # chunks last: its manifest marks the stage done
 STAGING = "chunks/_staging"
@@ -52,6 +63,11 @@ class TokenizeSettings:
     text_field: str
     tokenizer: str
     unit_bytes: int
+    max_doc_mb: float
+
+    @property
+    def max_doc_bytes(self) -> int:
+        return int(self.max_doc_mb * (1 << 20))
 
 
 # ----------------------------------------------------------------------------- pass 1: tokenize
@@ -73,12 +89,17 @@ def tokenize_unit(unit: WorkUnit, settings: TokenizeSettings, tokenizer,
     pending: list[tuple[int, Record]] = []
     pending_bytes = 0
 
+    def quarantine(item_idx: int, position: int, reason: str, detail: str) -> None:
+        q_item.append(item_idx), q_pos.append(position), q_reason.append(reason), q_detail.append(detail)
+
     def flush() -> None:
         nonlocal pending, pending_bytes
         if not pending:
             return
-        encodings = tokenizer.tokenizer.encode_batch([r.text for _, r in pending], add_special_tokens=True)
-        for (item_idx, rec), enc in zip(pending, encodings):
+        for (item_idx, rec), enc in zip(pending, encode_each(tokenizer.tokenizer, [r.text for _, r in pending])):
+            if isinstance(enc, Exception):
+                quarantine(item_idx, rec.position, TOKENIZER_REJECTED, one_line(enc))
+                continue
             chunks = doc_to_chunks(np.asarray(enc.ids, dtype=np.int32), settings.chunk_size)
             tokens.append(chunks)
             doc_item.append(item_idx)
@@ -88,13 +109,13 @@ def tokenize_unit(unit: WorkUnit, settings: TokenizeSettings, tokenizer,
         pending, pending_bytes = [], 0
 
     for item_idx, item in enumerate(unit.items):
-        for rec in read_item(item, settings.text_field):
+        for rec in read_item(item, settings.text_field, settings.max_doc_bytes):
             if rec.position >= 0:
                 item_records[item_idx] = rec.position + 1
             if keep is not None and (item_idx, rec.position) not in keep:
                 continue
             if rec.text is None:
-                q_item.append(item_idx), q_pos.append(rec.position), q_reason.append(rec.reason), q_detail.append(rec.detail)
+                quarantine(item_idx, rec.position, rec.reason, rec.detail)
                 continue
             pending.append((item_idx, rec))
             pending_bytes += len(rec.text)
@@ -270,11 +291,19 @@ def auto_unit_bytes(files: list[InputFile]) -> int:
 
 
 def run_tokenize(*, corpus: list[str], out: Location, chunk_size: int, seq_len: int, text_field: str,
-                 tokenizer: str, unit_bytes: int, concurrency: int, config: dict) -> TokenizeSummary:
+                 tokenizer: str, unit_bytes: int, concurrency: int, config: dict,
+                 max_doc_mb: float = BuildConfig.max_doc_mb) -> TokenizeSummary:
+    """The tokenize stage (see the module docstring).
+
+    Raises:
+        RetriesExhausted: an input could not be read however often it was retried; nothing is committed,
+            and a rerun resumes (units already tokenized are kept).
+    """
     start = time.perf_counter()
-    files = list_corpus(corpus, exclude_root=out.root if out.is_local else None)
+    files = list_corpus(corpus, exclude=out)
     tok = load_tokenizer(tokenizer)  # fails fast on a bad name, and gives the fingerprint
-    settings = TokenizeSettings(chunk_size, seq_len, text_field, tokenizer, unit_bytes or auto_unit_bytes(files))
+    settings = TokenizeSettings(chunk_size, seq_len, text_field, tokenizer, unit_bytes or auto_unit_bytes(files),
+                                max_doc_mb)
     units = plan_units(files, settings.unit_bytes)
     plan = plan_fingerprint(files, units, {**settings.__dict__, "tokenizer_fingerprint": tok.fingerprint})
 
@@ -287,8 +316,7 @@ def run_tokenize(*, corpus: list[str], out: Location, chunk_size: int, seq_len: 
     ):
         return _summary_from_manifest(done)
     for folder in reversed(OUTPUT_FOLDERS):  # an old manifest must not vouch for parts being replaced
-        if exists(out, f"{folder}/_manifest.json"):
-            out.fs.rm(out.path(f"{folder}/_manifest.json"))
+        remove(out, f"{folder}/_manifest.json")
 
     counted = run_bounded(lambda u: tokenize_task.remote(out.url, plan, settings, json.dumps(u.to_dict())), units,
                           concurrency, "tokenize: pass 1")
@@ -315,17 +343,14 @@ def run_tokenize(*, corpus: list[str], out: Location, chunk_size: int, seq_len: 
     for folder in OUTPUT_FOLDERS:
         _remove_unlisted_parts(out, folder, {e[folder]["path"] for e in entries})
         write_manifest(out, folder, stage="tokenize", parts=[e[folder] for e in entries], totals=totals, config=config,
-                       extra={"plan": plan, "tokenizer": tok.describe(), "chunk_size": chunk_size, "seq_len": seq_len})
+                       extra={"plan": plan, "tokenizer": tok.describe(), "chunk_size": chunk_size, "seq_len": seq_len,
+                              "max_doc_mb": max_doc_mb})
     remove_tree(out, STAGING)
     return summary
 
 
 def _remove_unlisted_parts(out: Location, folder: str, keep: set[str]) -> None:
     """Parts left by an earlier run with a different plan are removed so the folder matches its manifest."""
-    d = out.path(folder)
-    if not out.fs.isdir(d):
-        return
-    for p in out.fs.ls(d, detail=False):
-        name = p.rsplit("/", 1)[-1]
+    for name in list_names(out, folder):
         if name.startswith("part-") and name not in keep:
-            out.fs.rm(p)
+            remove(out, f"{folder}/{name}")

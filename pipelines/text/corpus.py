@@ -1,21 +1,21 @@
 """Listing a corpus and planning it into work units.
 
-The driver only lists files (names and sizes, never contents) and groups them into work units of
-about ``target_bytes`` of input: many small text files share a unit, a large jsonl file is cut into
-byte ranges (a unit owns the lines that *start* inside its range), a large parquet file into row
-groups. The plan depends only on the sorted listing and the config, so ids come out the same on
-every run. Part NNNNN of every tokenize output folder is work unit NNNNN.
+The driver only lists files (names and sizes, never contents; :mod:`pipelines.text.listing`) and groups
+them into work units of about ``target_bytes`` of input: many small text files share a unit, a large
+jsonl file is cut into byte ranges (a unit owns the lines that *start* inside its range), a large
+parquet file into row groups. The plan depends only on the sorted listing and the config, so ids come
+out the same on every run. Part NNNNN of every tokenize output folder is work unit NNNNN.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import posixpath
 from dataclasses import asdict, dataclass, field
 
 import pyarrow.parquet as pq
 
-from pipelines.artifacts.storage import open_location
+from pipelines.artifacts.storage import Location, RetriesExhausted, open_input, open_location
+from pipelines.text.listing import Entry, corpus_entries
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
@@ -41,6 +41,8 @@ class InputFile:
     url: str
     size: int
     fingerprint: str  # size plus mtime/etag: a changed file changes the plan
+    reason: str = ""  # set: the listing could not read this entry (a quarantine reason), and ``detail`` says why
+    detail: str = ""
 
 
 @dataclass
@@ -51,6 +53,8 @@ class WorkItem:
     fmt: str
     start: int = 0  # byte offset (jsonl) or first row group (parquet)
     end: int | None = None  # exclusive; None = to the end of the file
+    reason: str = ""  # set: the listing could not read this entry; it becomes one quarantine record
+    detail: str = ""
 
 
 @dataclass
@@ -66,70 +70,48 @@ class WorkUnit:
         return WorkUnit(d["index"], [WorkItem(**i) for i in d["items"]])
 
 
-def _has_glob(s: str) -> bool:
-    return any(ch in s for ch in "*?[")
+def _input_file(loc: Location, entry: Entry) -> InputFile:
+    url = loc.url_for_path(entry.path)
+    if entry.reason:
+        return InputFile(url, 0, "", entry.reason, entry.detail)
+    info = entry.info
+    stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("created") or ""
+    return InputFile(url, int(info.get("size") or 0), f"{info.get('size')}:{stamp}")
 
 
-def _visible(path: str, root: str) -> bool:
-    rel = posixpath.relpath(path, root) if path.startswith(root) else posixpath.basename(path)
-    return not any(part.startswith(".") for part in rel.split("/"))
+def list_corpus(urls: list[str], exclude: Location | None = None) -> list[InputFile]:
+    """Every entry of every ``--corpus`` URL, each corpus sorted, in the order given.
 
-
-def list_corpus(urls: list[str], exclude_root: str | None = None) -> list[InputFile]:
-    """Every file of every ``--corpus`` URL, each corpus sorted, in the order given.
-
-    Hidden files and folders (names starting with '.') are not read. Files under ``exclude_root``
-    (the build's own ``--out``) are skipped so a build never reads its own artifacts.
-    Raises FileNotFoundError naming the corpus that matched nothing.
+    Hidden files and folders (names starting with '.') are not read. Entries under ``exclude`` (the
+    build's own ``--out``, on any filesystem) are skipped so a build never reads its own artifacts. An
+    entry that cannot be listed or followed comes back with its ``reason``, to be quarantined.
+    Raises FileNotFoundError naming the corpus that matched no readable file, RetriesExhausted when the
+    storage kept failing.
     """
     files: list[InputFile] = []
     seen: set[str] = set()
     for url in urls:
         loc = open_location(url)
-        fs, root = loc.fs, loc.root
-        if _has_glob(root):
-            matches = fs.glob(root, detail=True)
-            entries = {p: info for p, info in matches.items() if info.get("type") == "file"}
-            base = root.split("*")[0].rsplit("/", 1)[0]
-        elif fs.isdir(root):
-            entries = fs.find(root, detail=True, withdirs=False)
-            base = root
-        elif fs.isfile(root):
-            entries = {root: fs.info(root)}
-            base = posixpath.dirname(root)
-        else:
-            raise FileNotFoundError(f"corpus {url} does not exist")
-        found = 0
-        for path in sorted(entries):
-            if not _visible(path, base):
-                continue
-            full = loc.url_of() if path == root else _url_for(loc, path)
-            if exclude_root and (path == exclude_root or path.startswith(exclude_root.rstrip("/") + "/")):
-                continue
-            if full in seen:
-                continue
-            seen.add(full)
-            info = entries[path]
-            stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("created") or ""
-            files.append(InputFile(full, int(info.get("size") or 0), f"{info.get('size')}:{stamp}"))
-            found += 1
-        if found == 0:
-            raise FileNotFoundError(f"corpus {url} matched no readable files")
+        found = [f for f in (_input_file(loc, e) for e in corpus_entries(loc, exclude)) if f.url not in seen]
+        if not any(not f.reason for f in found):
+            problems = "; ".join(f"{f.url}: {f.reason} ({f.detail})" for f in found[:3])
+            raise FileNotFoundError(f"corpus {url} matched no readable files" + (f": {problems}" if problems else ""))
+        seen.update(f.url for f in found)
+        files += found
     return files
 
 
-def _url_for(loc, path: str) -> str:
-    if loc.is_local:
-        return path
-    protocol = loc.fs.protocol if isinstance(loc.fs.protocol, str) else loc.fs.protocol[0]
-    return f"{protocol}://{path}"
-
-
 def _parquet_row_group_sizes(url: str) -> list[int]:
-    loc = open_location(url)
-    with loc.fs.open(loc.root, "rb") as f:
-        md = pq.ParquetFile(f).metadata
-        return [md.row_group(i).total_byte_size for i in range(md.num_row_groups)]
+    """Row-group sizes from the footer; none when the file cannot be parsed (its reader quarantines it). A
+    storage failure is not hidden: it fails the plan, naming the file."""
+    try:
+        with open_input(open_location(url)) as f:
+            md = pq.ParquetFile(f).metadata
+            return [md.row_group(i).total_byte_size for i in range(md.num_row_groups)]
+    except RetriesExhausted:
+        raise
+    except Exception:  # noqa: BLE001 - an unreadable file is quarantined by the reader
+        return []
 
 
 def plan_units(files: list[InputFile], target_bytes: int) -> list[WorkUnit]:
@@ -154,10 +136,7 @@ def plan_units(files: list[InputFile], target_bytes: int) -> list[WorkUnit]:
             continue
         if fmt == "parquet" and f.size > target_bytes:
             flush()
-            try:
-                sizes = _parquet_row_group_sizes(f.url)
-            except Exception:  # noqa: BLE001 - an unreadable file is quarantined by the reader
-                sizes = []
+            sizes = _parquet_row_group_sizes(f.url)
             if len(sizes) > 1:
                 start, acc = 0, 0
                 for i, s in enumerate(sizes):
@@ -169,7 +148,7 @@ def plan_units(files: list[InputFile], target_bytes: int) -> list[WorkUnit]:
                 continue
         if current_bytes + f.size > target_bytes:
             flush()
-        current.append(WorkItem(f.url, fmt))
+        current.append(WorkItem(f.url, fmt, reason=f.reason, detail=f.detail))
         current_bytes += f.size
     flush()
     return units

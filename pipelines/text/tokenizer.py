@@ -58,6 +58,22 @@ class ChunkTokenizer:
         }
 
 
+def encode_each(tokenizer: Tokenizer, texts: list[str]) -> list:
+    """The encoding (special tokens added) of every text, in one batch; a text the tokenizer rejects gets
+    its exception instead, so that one bad document cannot fail the others."""
+    try:
+        return tokenizer.encode_batch(texts, add_special_tokens=True)
+    except Exception:  # noqa: BLE001 - find the rejected text(s) one at a time
+        return [_encode_or_error(tokenizer, t) for t in texts]
+
+
+def _encode_or_error(tokenizer: Tokenizer, text: str):
+    try:
+        return tokenizer.encode(text, add_special_tokens=True)
+    except Exception as e:  # noqa: BLE001 - returned, to be quarantined with its reason
+        return e
+
+
 def load_tokenizer(name: str = DEFAULT_ENCODER) -> ChunkTokenizer:
     """Load a tokenizer by the default alias, a local folder, or a Hugging Face name (offline here)."""
     path = resolve_model_path(name)

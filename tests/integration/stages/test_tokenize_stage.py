@@ -11,9 +11,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 
 from pipelines.artifacts.manifest import read_manifest
-from pipelines.artifacts.storage import open_location
+from pipelines.artifacts.storage import RetriesExhausted, open_location
+from pipelines.runtime.ray_session import task_cause
 from pipelines.stages.tokenize import run_tokenize
 from pipelines.text.chunking import doc_to_chunks
 from pipelines.text.tokenizer import load_tokenizer
@@ -155,3 +157,37 @@ def test_same_parts_through_s3(play_corpus, tmp_path, s3_server):
     assert all(s.startswith("s3://corpus-bucket/plays/") for s in remote_docs["source"].to_pylist())
     assert fs.exists("corpus-bucket/build/chunks/_manifest.json")
     assert not fs.exists("corpus-bucket/build/chunks/_staging")
+
+
+def test_bad_values_are_quarantined_and_out_inside_the_corpus_is_not_read_on_s3(tmp_path, s3_server):
+    """Through the real stage: text UTF-8 cannot carry (a JSON lone surrogate, parquet bytes that are not
+    UTF-8) and a document over --max-doc-mb are quarantined records, not a traceback; --out inside --corpus
+    on object storage is not read back as input, so the rerun is up to date."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("inside-bucket")
+    lines = [json.dumps({"text": "A good first document."}), '{"text": "a lone \\ud800 surrogate"}',
+             json.dumps({"text": "far too long " * 400}), json.dumps({"text": "A good last document."})]
+    fs.pipe("inside-bucket/corpus/a.jsonl", ("\n".join(lines) + "\n").encode())
+    rows = pa.array([b"Parquet row zero.", b"\xed\xa0\x80 not UTF-8"], pa.binary()).view(pa.string())
+    with fs.open("inside-bucket/corpus/b.parquet", "wb") as f:
+        pq.write_table(pa.table({"text": rows}), f)
+    corpus, out = "s3://inside-bucket/corpus", "s3://inside-bucket/corpus/build"
+    first = tokenize(corpus, out, max_doc_mb=0.004)
+    assert (first.documents, first.quarantined_by_reason) == (3, {"invalid_unicode": 1, "too_large": 1, "invalid_utf8": 1})
+    again = tokenize(corpus, out, max_doc_mb=0.004)
+    assert again.up_to_date and again.documents == 3
+
+
+@ray.remote
+def _unreadable_unit() -> None:
+    raise RetriesExhausted("cannot read s3://b/a.jsonl after 5 attempts (7.5 s): ConnectionError: reset by peer")
+
+
+def test_a_storage_failure_in_a_worker_reaches_the_job_as_one_line():
+    """What a tokenize task raises when a read outlasts its retries is what the job prints: not Ray's traceback."""
+    with pytest.raises(RetriesExhausted) as e:
+        ray.get(_unreadable_unit.remote())
+    assert "Traceback" in str(e.value) or "\n" in str(e.value)  # Ray's wrapper carries the remote traceback
+    assert str(task_cause(e.value)) == "cannot read s3://b/a.jsonl after 5 attempts (7.5 s): ConnectionError: reset by peer"

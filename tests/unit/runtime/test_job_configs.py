@@ -27,6 +27,7 @@ CASES = [
     (BuildConfig, {"chunk_size": 0}, "--chunk-size must be positive"),
     (BuildConfig, {"seq_len": 100}, "must be a positive multiple of --chunk-size"),
     (BuildConfig, {"max_bad_fraction": 1.5}, "--max-bad-fraction must be in [0, 1]"),
+    (BuildConfig, {"max_doc_mb": 0}, "--max-doc-mb must be positive"),
     (BuildConfig, {"unit_mb": -1}, "--unit-mb, --concurrency and --num-cpus must not be negative"),
     (BuildConfig, {"pooling": "max"}, "--pooling must be mean or cls"),
     (BuildConfig, {"embedding_dtype": "int8"}, "--embedding-dtype must be float16 or float32"),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import tracemalloc
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,8 +12,8 @@ from pipelines.text import readers as R
 from pipelines.text.corpus import WorkItem, file_format, list_corpus, plan_units
 
 
-def records(path, fmt=None, start=0, end=None, field="text"):
-    return list(R.read_item(WorkItem(str(path), fmt or file_format(str(path)), start, end), field))
+def records(path, fmt=None, start=0, end=None, field="text", limit=1 << 20):
+    return list(R.read_item(WorkItem(str(path), fmt or file_format(str(path)), start, end), field, limit))
 
 
 def test_text_file_kinds(tmp_path):
@@ -96,3 +97,51 @@ def test_listing_is_sorted_skips_hidden_and_plans_split_big_jsonl(tmp_path):
     units = plan_units(files, target_bytes=1000)
     big = [u for u in units if u.items[0].url.endswith("big.jsonl")]
     assert len(big) > 3 and big[0].items[0].start == 0 and big[-1].items[0].end is None
+
+
+def test_values_utf8_cannot_carry_are_quarantined_in_every_reader(tmp_path):
+    """JSON escapes of lone surrogates, and parquet strings that are not UTF-8, are one bad record each."""
+    p = tmp_path / "a.jsonl"
+    p.write_text("\n".join([json.dumps({"text": "before"}), '{"text": "\\ud800"}', '{"text": "ok \\udfff tail"}',
+                            json.dumps({"text": "after"})]) + "\n")
+    got = records(p)
+    assert [(r.text, r.reason) for r in got] == [("before", ""), (None, R.INVALID_UNICODE), (None, R.INVALID_UNICODE),
+                                                 ("after", "")]
+    assert "'\\ud800'" in got[1].detail
+    q = tmp_path / "b.parquet"
+    values = pa.array([b"first", b"\xed\xa0\x80", b"\xff\xfe", None, b"last"], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"text": values}), q)
+    assert [(r.position, r.text, r.reason) for r in records(q)] == [
+        (0, "first", ""), (1, None, R.INVALID_UTF8), (2, None, R.INVALID_UTF8), (3, None, R.MISSING_TEXT_FIELD),
+        (4, "last", "")]
+
+
+def test_one_bad_json_line_does_not_cost_the_rest(tmp_path):
+    p = tmp_path / "a.jsonl"
+    p.write_text("[" * 100_000 + "\n" + json.dumps({"text": "kept"}) + "\n")
+    assert [(r.text, r.reason) for r in records(p)] == [(None, R.INVALID_JSON), ("kept", "")]
+
+
+def test_documents_over_max_doc_bytes_are_quarantined_without_being_held(tmp_path):
+    limit = 64 << 10
+    big = tmp_path / "big.txt"
+    big.write_bytes(b"x" * (limit + 1))
+    assert records(big, limit=limit)[0].reason == R.TOO_LARGE
+    p = tmp_path / "a.jsonl"
+    with open(p, "wb") as f:
+        f.write(json.dumps({"text": "small"}).encode() + b"\n")
+        f.write(b'{"text": "' + b"y" * (24 << 20) + b'"}\n')
+        f.write(json.dumps({"text": "after"}).encode() + b"\n")
+    tracemalloc.start()
+    try:
+        whole = records(p, limit=limit)
+        tail = records(p, "jsonl", start=1000, limit=limit)  # a range starting inside the huge line
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [(r.text, r.reason) for r in whole] == [("small", ""), (None, R.TOO_LARGE), ("after", "")]
+    assert "exceeds --max-doc-mb" in whole[1].detail and [r.text for r in tail] == ["after"]
+    assert peak < 8 << 20  # the 24 MiB line was never held
+    q = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"text": ["fits", "z" * (limit + 1), "fits too"]}), q)
+    assert [(r.text, r.reason) for r in records(q, limit=limit)] == [("fits", ""), (None, R.TOO_LARGE), ("fits too", "")]
