@@ -51,16 +51,20 @@ class IndexSettings:
             raise ValueError(f"--metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
         if self.k < 1 or self.extra_neighbors < 0:
             raise ValueError(f"--k must be >= 1 and --extra-neighbors >= 0, got {self.k} and {self.extra_neighbors}")
-        if self.max_query_ms <= 0 or not 0 < self.target_recall <= 1 or self.recall_sample < 1:
-            raise ValueError("--max-query-ms must be > 0, target recall in (0, 1], recall sample >= 1")
+        if self.max_query_ms <= 0:
+            raise ValueError(f"--max-query-ms must be > 0, got {self.max_query_ms}")
+        if not 0 < self.target_recall <= 1:
+            raise ValueError(f"--target-recall must be in (0, 1], got {self.target_recall}")
+        if self.recall_sample < 1:
+            raise ValueError(f"the recall sample must hold at least 1 chunk, got {self.recall_sample}")
         memory_bytes(self.max_index_memory)
 
 
-def memory_bytes(text: str) -> int:
-    """'4G', '512M', '100m', '1.5T' or a plain byte count."""
+def memory_bytes(text: str, flag: str = "--max-index-memory") -> int:
+    """'4G', '512M', '100m', '1.5T' or a plain byte count (``flag`` names the option in the error)."""
     m = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgGtT]?)[bB]?\s*", str(text))
     if not m:
-        raise ValueError(f"--max-index-memory must look like 4G, 512M or a byte count, got {text!r}")
+        raise ValueError(f"{flag} must look like 4G, 512M or a byte count, got {text!r}")
     return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
 
 

@@ -34,7 +34,7 @@ def check_search_mode(mode: str, shard_memory: str) -> None:
     """Validate ``--neighbors-search`` and ``--shard-memory`` (the build's config and the stage call this)."""
     if mode not in SEARCH_MODES:
         raise ValueError(f"--neighbors-search must be one of {', '.join(SEARCH_MODES)}, got {mode!r}")
-    memory_bytes(shard_memory)
+    memory_bytes(shard_memory, "--shard-memory")
 
 
 @dataclass(frozen=True)

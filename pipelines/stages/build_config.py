@@ -5,6 +5,7 @@ import os
 from dataclasses import dataclass
 
 from pipelines.runtime.config import option
+from pipelines.search.faiss_index import IndexSettings
 from pipelines.search.routing import check_search_mode
 
 ALL_STAGES = ("tokenize", "embed", "index", "neighbors")
@@ -51,6 +52,8 @@ class BuildConfig:
     metric: str = option("l2", "distance: l2 (RETRO's) or ip (inner product)")
     single_node_max_vectors: int = option(2_000_000, "above this many chunks the index is built distributed across Ray workers")
     distributed: bool = option(False, "force the distributed index build (sampled training, parallel adds, merge)")
+    target_recall: float = option(IndexSettings.target_recall, "neighbor recall@k the index's search parameters (and, for "
+                                  "a lossy key, the candidates re-ranked exactly) are tuned to reach, on a held-out sample")
     k: int = option(2, "neighbors stored per chunk")
     extra_neighbors: int = option(10, "extra candidates asked of the index so that self/same-document filtering still fills k")
     neighbors_search: str = option("auto", "how the neighbors stage searches: 'index' (every worker holds the whole index; "
@@ -86,6 +89,8 @@ class BuildConfig:
         if self.k <= 0 or self.extra_neighbors < 0 or self.single_node_max_vectors <= 0 or self.max_query_ms <= 0:
             raise ValueError("--k, --single-node-max-vectors and --max-query-ms must be positive, --extra-neighbors not negative")
         check_search_mode(self.neighbors_search, self.shard_memory)
+        IndexSettings(self.index_key, self.max_index_memory, self.max_query_ms, self.metric, self.k,
+                      self.extra_neighbors, self.target_recall)  # the index settings' owner validates them
         unknown = [s for s in self.stage_list if s not in ALL_STAGES]
         if unknown:
             raise ValueError(f"unknown stage(s) {', '.join(unknown)}; known: {', '.join(ALL_STAGES)}")
