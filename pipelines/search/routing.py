@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipelines.search.faiss_index import memory_bytes
-from pipelines.search.knn import empty_topk, merge_topk
+from pipelines.search.knn import empty_topk
 
 SEARCH_MODES = ("auto", "index", "routed")
+SMALL_K = 4  # up to this k, the per-list top-k is k argmin passes
 MAX_PROBE_FACTOR = 4  # a query whose own document fills its lists probes up to this x nprobe
 
 
@@ -125,7 +126,7 @@ class ShardVectors:
         ids = np.concatenate([p[0] for p in pieces]) if pieces else np.zeros(0, np.int64)
         lists = np.concatenate([p[1] for p in pieces]) if pieces else np.zeros(0, np.int64)
         dim = pieces[0][2].shape[1] if pieces else 0
-        order = np.argsort(lists, kind="stable")
+        order = np.lexsort((ids, lists))  # by list, ids ascending within a list (own-document runs)
         where = np.empty(len(order), np.int64)
         where[order] = np.arange(len(order))  # row of each input vector in the sorted array
         vecs = np.empty((len(ids), dim), np.float32)
@@ -162,32 +163,90 @@ def scan_shard(shard: ShardVectors, queries: np.ndarray, query_ids: np.ndarray, 
     ``pair_lists[i]``), never from its own document ``[lo, hi)`` (which holds the query itself).
     Returns (ids with -1 pads, scores: smaller is nearer: squared L2 or the negated inner product)."""
     n = len(query_ids)
-    best = empty_topk(n, k)
+    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     if not len(shard.lists) or not len(pair_rows):
-        return best
+        return empty_topk(n, k)
     slot = np.searchsorted(shard.lists, pair_lists)
     known = (slot < len(shard.lists)) & (shard.lists[np.minimum(slot, len(shard.lists) - 1)] == pair_lists)
     order = np.argsort(slot[known], kind="stable")
     rows, slot = pair_rows[known][order], slot[known][order]
-    qnorm = (queries * queries).sum(1)
+    qnorm = (queries * queries).sum(1) if metric == "l2" else None
     for group in np.split(np.arange(len(slot)), np.flatnonzero(np.diff(slot)) + 1):
         if not len(group):
             continue
         s = int(slot[group[0]])
         r = rows[group]
         a, b = int(shard.starts[s]), int(shard.ends[s])
-        dot = queries[r] @ shard.vecs[a:b].T
-        score = qnorm[r, None] + shard.norms[None, a:b] - 2 * dot if metric == "l2" else -dot
+        score = queries[r] @ shard.vecs[a:b].T  # becomes the score in place: row constants added at the end
+        if metric == "l2":
+            score *= -2
+            score += shard.norms[None, a:b]
+        else:
+            score *= -1
         ids = shard.ids[a:b]
-        own = (ids[None, :] >= lo[r, None]) & (ids[None, :] < hi[r, None])
-        score = np.where(own, np.inf, score).astype(np.float32)
-        take = min(k, b - a)
-        cols_k = np.argpartition(score, take - 1, axis=1)[:, :take] if take < b - a else \
-            np.broadcast_to(np.arange(b - a), score.shape)
-        s_k = np.take_along_axis(score, cols_k, 1)
-        i_k = np.where(np.isfinite(s_k), ids[cols_k], -1)
-        best[0][r], best[1][r] = merge_topk((best[0][r], best[1][r]), (i_k, s_k), k)
-    return best
+        _mask_own_documents(score, ids, lo[r], hi[r])
+        i_k, s_k = _smallest(score, ids, k)
+        if qnorm is not None:
+            s_k += qnorm[r, None]
+        found.append((np.repeat(r, i_k.shape[1]), i_k.ravel(), s_k.ravel()))
+    return _top_k_per_row(found, n, k)
+
+
+def _top_k_per_row(found: list[tuple[np.ndarray, np.ndarray, np.ndarray]], n: int, k: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Merge (row, id, score) candidates from every list into each row's k best (ties by id), -1 pads:
+    one sort for the whole block instead of a merge per list."""
+    ids, scores = empty_topk(n, k)
+    if not found:
+        return ids, scores
+    rows = np.concatenate([f[0] for f in found])
+    cand = np.concatenate([f[1] for f in found])
+    score = np.concatenate([f[2] for f in found])
+    keep = cand >= 0
+    rows, cand, score = rows[keep], cand[keep], score[keep]
+    order = np.lexsort((cand, score, rows))
+    rows, cand, score = rows[order], cand[order], score[order]
+    start = np.searchsorted(rows, rows, side="left")
+    rank = np.arange(len(rows)) - start
+    top = rank < k
+    ids[rows[top], rank[top]] = cand[top]
+    scores[rows[top], rank[top]] = score[top]
+    return ids, scores
+
+
+def _mask_own_documents(score: np.ndarray, ids: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> None:
+    """Set +inf where a list vector (``ids`` ascending) lies in the row's document ``[lo, hi)``: a
+    contiguous run of the list, so only the rows whose document meets the list are touched."""
+    first, last = np.searchsorted(ids, lo), np.searchsorted(ids, hi)
+    rows = np.nonzero(last > first)[0]
+    if len(rows):
+        cols = np.arange(len(ids))
+        own = (cols[None, :] >= first[rows, None]) & (cols[None, :] < last[rows, None])
+        score[rows] = np.where(own, np.inf, score[rows])
+
+
+def _smallest(score: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k smallest scores per row with their ids (-1 where +inf), unsorted; ``score`` is consumed.
+    For small k, k passes of ``argmin`` (about 3x cheaper than ``argpartition`` at k = 2)."""
+    n, width = score.shape
+    take = min(k, width)
+    if take <= SMALL_K:
+        rows = np.arange(n)
+        cols = np.empty((n, take), np.int64)
+        s_k = np.empty((n, take), np.float32)
+        for j in range(take):
+            cols[:, j] = np.argmin(score, axis=1)
+            s_k[:, j] = score[rows, cols[:, j]]
+            score[rows, cols[:, j]] = np.inf
+    else:
+        cols = np.argpartition(score, take - 1, axis=1)[:, :take] if take < width else \
+            np.broadcast_to(np.arange(width), score.shape)
+        s_k = np.take_along_axis(score, cols, 1).astype(np.float32)
+    i_k = np.where(np.isfinite(s_k), ids[cols], -1)
+    if take < k:
+        s_k = np.concatenate([s_k, np.full((n, k - take), np.inf, np.float32)], 1)
+        i_k = np.concatenate([i_k, np.full((n, k - take), -1, np.int64)], 1)
+    return i_k, s_k
 
 
 def scores_to_distances(ids: np.ndarray, scores: np.ndarray, metric: str) -> np.ndarray:
