@@ -226,6 +226,7 @@ def tune_task(out_url: str, folder: str, layout: str, files: list[str], info: Em
               settings):
     _set_threads(1)
     use_blas_for_batches()
+    reset_peak_rss()
     out = open_location(out_url)
     with tempfile.TemporaryDirectory() as d:
         local = fetch_files(out, folder, [{"path": f} for f in files], cache_dir=d)
