@@ -168,6 +168,21 @@ def _open_quantizer(out: Location, job: RoutedJob):
     return q
 
 
+def _probes(quantizer, x: np.ndarray, list_sizes: np.ndarray, nprobe: int, width: int, need: np.ndarray) -> np.ndarray:
+    """Each row's nprobe nearest lists (``width`` columns, -1 padded); the rows whose lists hold fewer than
+    ``need`` vectors (their own document fills them) are searched again ``width`` wide and given more.
+    Asking every row for ``width`` lists would cost a heap of that size per row for the few that need it."""
+    _, near = quantizer.search(x, nprobe)
+    probes = np.full((len(x), width), -1, np.int64)
+    probes[:, :near.shape[1]] = near
+    sizes = np.where(near >= 0, list_sizes[np.maximum(near, 0)], 0).sum(1)
+    short = np.nonzero(sizes < need)[0]
+    if len(short) and width > nprobe:
+        _, wide = quantizer.search(x[short], width)
+        probes[short] = probes_needed(wide, list_sizes, nprobe, need[short])
+    return probes
+
+
 @ray.remote(num_cpus=1)
 def route_part_task(job: RoutedJob, part: dict, list_shard: np.ndarray, list_sizes: np.ndarray,
                     with_queries: bool = True) -> dict:
@@ -188,18 +203,14 @@ def route_part_task(job: RoutedJob, part: dict, list_shard: np.ndarray, list_siz
     npy = NpyPart(out, part_rel(p))
     for start, block in npy.blocks(ROUTE_BLOCK_ROWS):
         ids = np.arange(p.offset + start, p.offset + start + len(block), dtype=np.int64)
-        _, wide = quantizer.search(block, width)
         lo, hi = bounds.range_of(ids)
-        probes = probes_needed(wide, list_sizes, job.nprobe, hi - lo + job.k)
-        wide_first = wide[:, 0]
-        del wide
+        probes = _probes(quantizer, block, list_sizes, job.nprobe, width, hi - lo + job.k)
         home = list_shard[np.maximum(probes[:, 0], 0)]
         half = block.astype(np.float16)
         pairs = pairs_by_shard(probes, list_shard, job.shards) if with_queries else []
-        del probes
         for s in range(job.shards):
             mine = home == s
-            db[s].append((ids[mine], wide_first[mine], half[mine]))
+            db[s].append((ids[mine], probes[mine, 0], half[mine]))
             if with_queries:
                 rows, lists = pairs[s]
                 asks = np.unique(rows)
