@@ -342,7 +342,7 @@ def report() -> None:
         return
     stored = json.loads(JSON_PATH.read_text())
     real = json.loads(REAL_PATH.read_text()) if REAL_PATH.exists() else None
-    real_ivf = next((x for x in (real or {}).get("runs", []) if x["config"].startswith("automatic")), None)
+    real_ivf = next((x for x in (real or {}).get("runs", []) if x["config"].startswith("IVF-Flat")), None)
     ex = extrapolate(runs, stored.get("quantizer"), {"nprobe": _ivf_params(real_ivf)[1]} if real_ivf else None)
     save_results(runs, {"extrapolation": ex, "quantizer": stored.get("quantizer")})
     before = json.loads(BEFORE_PATH.read_text())["runs"] if BEFORE_PATH.exists() else []

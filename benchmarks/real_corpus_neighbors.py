@@ -11,7 +11,9 @@ configuration builds an index version and a neighbors version:
 - a lossy key forced (`IVF1024,PQ16`: 16-byte codes of 384-dim vectors), whose candidates the
   neighbors stage re-ranks with the stored embeddings;
 - the same lossy index with the list-routed search (each worker holds one shard of the lists,
-  --shard-memory 64M here so that there are several).
+  --shard-memory 64M here so that there are several);
+- an IVF-Flat key forced (`IVF2048,Flat`) with the routed search: the nprobe real text needs (the
+  10^9 estimate in README_index_scale.md uses it).
 For each: recall@2 of the stored neighbors against brute force (own document excluded) on 1,000
 chunks drawn independently of the tuner's sample, the tuner's own held-out figure, the raw index
 recall, and the CPU-seconds of the index and neighbors workers. Results:
@@ -39,8 +41,9 @@ def prepare_corpus(dst: str, kernel_mb: float) -> dict:
     """Shakespeare plus the first ``kernel_mb`` MiB (by path) of the kernel's reST documentation."""
     from pipelines.stages.build_config import bundled_corpus
 
-    if os.path.exists(os.path.join(dst, "DONE")):
-        return json.loads(Path(dst, "DONE").read_text())
+    marker = Path(f"{dst}.done")  # beside the corpus, not in it
+    if marker.exists():
+        return json.loads(marker.read_text())
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(bundled_corpus(), os.path.join(dst, "shakespeare"))
     roots = glob.glob(KERNEL_DOCS)
@@ -57,7 +60,7 @@ def prepare_corpus(dst: str, kernel_mb: float) -> dict:
         if total >= kernel_mb * 2**20:
             break
     facts = {"kernel_files": files, "kernel_bytes": total, "kernel_docs": roots[0]}
-    Path(dst, "DONE").write_text(json.dumps(facts))
+    marker.write_text(json.dumps(facts))
     return facts
 
 
@@ -102,6 +105,9 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/retroforge-real-corpus", help="corpus and build folder (kept, reused)")
     ap.add_argument("--kernel-mb", type=float, default=16.0, help="MiB of kernel documentation to add to Shakespeare")
     ap.add_argument("--lossy-key", default="IVF1024,PQ16")
+    ap.add_argument("--ivf-key", default="IVF2048,Flat", help="the IVF-Flat key whose tuned nprobe real text needs")
+    ap.add_argument("--configs", default="auto,lossy,lossy-routed,ivf-routed",
+                    help="which configurations to run (results of the others are kept)")
     args = ap.parse_args()
     import numpy as np
 
@@ -123,13 +129,20 @@ def main() -> None:
     print(f"real corpus: {info.n:,} chunks of dim {info.dim}", flush=True)
     init_ray(num_cpus=2)
     sample = np.sort(np.random.default_rng(7).choice(info.n, 1000, replace=False)).astype(np.int64)
-    runs = [run_config(out, "automatic key, index search", "", "index", sample),
-            run_config(out, "lossy key re-ranked, index search", args.lossy_key, "index", sample),
-            run_config(out, "lossy key, routed search", args.lossy_key, "routed", sample)]
+    configs = {"auto": ("automatic key, index search", "", "index"),
+               "lossy": ("lossy key re-ranked, index search", args.lossy_key, "index"),
+               "lossy-routed": ("lossy key, routed search", args.lossy_key, "routed"),
+               "ivf-routed": ("IVF-Flat key, routed search", args.ivf_key, "routed")}
+    runs = [run_config(out, *configs[name], sample) for name in args.configs.split(",")]
+    done = {r["config"]: r for r in (json.loads(RESULTS.read_text())["runs"] if RESULTS.exists() else [])}
+    done |= {r["config"]: r for r in runs}  # a rerun of some configurations keeps the others
+    order = [c[0] for c in configs.values()]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"chunks": info.n, "dim": info.dim, "encoder": "packaged all-MiniLM-L6-v2",
                                    "corpus": {"shakespeare": "bundled", **facts},
-                                   "tokenize_embed_seconds": round(embed_s, 1), "runs": runs}, indent=2) + "\n")
+                                   "tokenize_embed_seconds": round(embed_s, 1),
+                                   "runs": sorted(done.values(), key=lambda r: order.index(r["config"]))},
+                                  indent=2) + "\n")
     print(json.dumps(runs, indent=2))
 
 
