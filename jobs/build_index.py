@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipelines.artifacts.lock import NotCommitted
 from pipelines.artifacts.storage import RetriesExhausted
 from pipelines.runtime.config import fail, parse_config
 from pipelines.stages.build_config import BuildConfig
@@ -36,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_build(cfg)
     except (FileNotFoundError, PermissionError, ValueError) as e:
         fail(str(task_cause(e)))
+    except NotCommitted as e:  # another run holds the --out lock, or LATEST would move backwards
+        fail(f"{e}; LATEST unchanged", code=1)
     except RetriesExhausted as e:
         fail(f"{task_cause(e)}; nothing of that stage was committed: rerun the same command to resume "
              "(finished work is kept)", code=1)

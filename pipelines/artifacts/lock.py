@@ -1,4 +1,7 @@
-"""One re-index run per ``--out`` at a time: a lock object created exclusively, with owner and expiry.
+"""One writer per ``--out`` commits at a time: a lock object created exclusively, with owner and expiry.
+
+The re-index job holds it for its whole run; the build's neighbors stage holds it while it publishes
+(:mod:`pipelines.artifacts.publish`, the one way ``LATEST`` changes).
 
 - local folder: ``os.open(O_CREAT | O_EXCL)``, atomic on POSIX filesystems;
 - object storage: a conditional create (``If-None-Match: *``, fsspec's ``"xb"`` mode: S3, and any
@@ -6,9 +9,9 @@
 
 The lock records owner (a random token), host, pid and an expiry; a heartbeat thread extends the
 expiry while the run lives. A lock whose expiry has passed, or whose owner process is gone from
-this host (a killed run), is broken by the next run. Before every commit point the owner checks
-that the lock is still its own (:meth:`ReindexLock.verify`), and publishing also checks that
-``LATEST`` still names the versions the run started from (:mod:`pipelines.reindex.publish`), so a
+this host (a killed run), is broken by the next run. Immediately before every commit the owner
+checks that the lock is still its own (:meth:`OutLock.verify`), and publishing also checks that
+``LATEST`` still names the versions the run started from (:mod:`pipelines.artifacts.publish`), so a
 run that lost its lock, or started from an old state, cannot publish or move ``LATEST`` backwards.
 """
 from __future__ import annotations
@@ -19,23 +22,29 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from pipelines.artifacts.storage import Location, exists, read_bytes, write_bytes_atomic
 
 LOCK = "reindex/_lock.json"
 
 
-class LockHeld(RuntimeError):
+class NotCommitted(RuntimeError):
+    """A commit was refused (the lock, or the state it would build on): nothing was written."""
+
+
+class LockHeld(NotCommitted):
     """Another live run holds the lock."""
 
     def __init__(self, holder: dict | None):
         self.holder = holder or {}
         left = self.holder.get("expires_at", 0) - time.time()
-        super().__init__(f"another re-index run holds the lock (pid {self.holder.get('pid')} on "
+        super().__init__(f"another run holds the lock of this --out (pid {self.holder.get('pid')} on "
                          f"{self.holder.get('host')}, since {self.holder.get('acquired', '?')}, expires in {left:.0f} s)")
 
 
-class LockLost(RuntimeError):
+class LockLost(NotCommitted):
     """This run's lock expired and was taken over: it must not commit anything more."""
 
 
@@ -48,7 +57,7 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
-class ReindexLock:
+class OutLock:
     def __init__(self, out: Location, ttl_s: float = 600.0):
         self.out, self.ttl = out, float(ttl_s)
         self.owner = uuid.uuid4().hex
@@ -127,7 +136,7 @@ class ReindexLock:
         self.acquired = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         for _ in range(5):
             if self._create():
-                self._thread = threading.Thread(target=self._heartbeat, name="reindex-lock", daemon=True)
+                self._thread = threading.Thread(target=self._heartbeat, name="out-lock", daemon=True)
                 self._thread.start()
                 return
             holder = self.read()
@@ -135,7 +144,7 @@ class ReindexLock:
                 continue  # released meanwhile
             if not self._stale(holder):
                 raise LockHeld(holder)
-            print(f"reindex: breaking a stale lock (pid {holder.get('pid')} on {holder.get('host')}, "
+            print(f"lock: breaking a stale lock (pid {holder.get('pid')} on {holder.get('host')}, "
                   f"acquired {holder.get('acquired')})", flush=True)
             self._break(holder)
         raise LockHeld(self.read())
@@ -145,7 +154,7 @@ class ReindexLock:
             try:
                 self.refresh()
             except Exception as e:  # noqa: BLE001 - a failed refresh is retried; verify() decides
-                print(f"reindex: lock refresh failed: {e}", flush=True)
+                print(f"lock: refresh failed: {e}", flush=True)
 
     def refresh(self) -> None:
         if (self.read() or {}).get("owner") != self.owner:
@@ -158,7 +167,7 @@ class ReindexLock:
         if self.lost or holder.get("owner") != self.owner:
             self.lost = True
             raise LockLost(f"this run's lock on {self.out.url} was taken over (now held by pid {holder.get('pid')} "
-                           f"on {holder.get('host')}); stopping without publishing")
+                           f"on {holder.get('host')}); stopping before the next commit")
 
     def release(self) -> None:
         self._stop.set()
@@ -166,3 +175,12 @@ class ReindexLock:
             self._thread.join(5)
         if not self.lost and (self.read() or {}).get("owner") == self.owner:
             self.out.fs.rm(self.out.path(LOCK))
+
+    @contextmanager
+    def held(self) -> Iterator[OutLock]:
+        """Acquire for the ``with`` block, release after it (also when it raises)."""
+        self.acquire()
+        try:
+            yield self
+        finally:
+            self.release()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from pipelines.artifacts.storage import Location, exists, read_bytes, sha256_bytes, size, write_bytes_atomic
+from pipelines.runtime.redact import redact_record
 
 MANIFEST_NAME = "_manifest.json"
 _SOURCE_ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +43,7 @@ def write_manifest(
     config: dict[str, Any],
     extra: dict[str, Any] | None = None,
 ) -> dict:
-    manifest = {
+    manifest = redact_record({  # URLs in a config or a part entry are recorded without user info or signatures
         "stage": stage,
         "folder": folder,
         "parts": parts,
@@ -51,7 +52,7 @@ def write_manifest(
         "code_version": code_version(),
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **(extra or {}),
-    }
+    })
     write_bytes_atomic(loc, f"{folder}/{MANIFEST_NAME}", json.dumps(manifest, indent=2, sort_keys=True).encode())
     return manifest
 

@@ -29,6 +29,8 @@ from typing import BinaryIO, Callable, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from pipelines.runtime.redact import redact
+
 T = TypeVar("T")
 
 # Object stores list a whole prefix in one paginated call: no folders to be denied, no symlinks.
@@ -108,8 +110,8 @@ def retry(fn: Callable[[], T], what: str) -> T:
             if not is_transient(e):
                 raise
             if attempt == RETRY.attempts:
-                raise RetriesExhausted(f"cannot {what} after {attempt} attempts ({time.monotonic() - start:.1f} s): "
-                                       f"{one_line(e)}") from e
+                raise RetriesExhausted(redact(f"cannot {what} after {attempt} attempts ({time.monotonic() - start:.1f} s): "
+                                              f"{one_line(e)}")) from e
             time.sleep(RETRY.delay(attempt))
     raise AssertionError("unreachable")
 
@@ -147,8 +149,9 @@ class Location:
         return self.url_for_path(self.path(*parts))
 
     def url_for_path(self, path: str) -> str:
-        """The URL of ``path``, a path on this location's filesystem (as its listings give them)."""
-        return path if self.is_local else f"{protocols(self.fs)[0]}://{path}"
+        """The URL of ``path``, a path on this location's filesystem (as its listings give them; over HTTP
+        a path is already a URL)."""
+        return path if self.is_local or "://" in path else f"{protocols(self.fs)[0]}://{path}"
 
     def contains(self, url: str) -> bool:
         """True when ``url`` is this location or lies below it."""

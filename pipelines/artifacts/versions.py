@@ -3,7 +3,8 @@
 A version is complete when its ``_manifest.json`` exists; it is never modified afterwards, so
 readers can use any complete version while a new one is being built. ``LATEST`` is replaced last
 and atomically, and names only complete versions. Readers (the RETRO training job, the re-index
-job) go through :func:`resolve_latest`, :func:`open_index` and :class:`NeighborsReader`.
+job) go through :func:`resolve_latest`, :func:`open_index` and :class:`NeighborsReader`; only
+:func:`pipelines.artifacts.publish.publish` writes ``LATEST``.
 
 A version folder holds a ``_fingerprint.json`` from the moment it is started: a rerun with the
 same inputs and settings resumes that folder instead of starting another one.
@@ -17,7 +18,6 @@ import os
 import re
 import shutil
 import tempfile
-import time
 import uuid
 
 import numpy as np
@@ -35,9 +35,14 @@ _VERSION = re.compile(r"^v(\d{4,})$")
 # ----------------------------------------------------------------------------- versions
 
 
+def version_number(version: str) -> int:
+    """``vNNNN`` -> NNNN: versions are ordered by number, never by name."""
+    return int(version[1:])
+
+
 def list_versions(out: Location, kind: str) -> list[str]:
     """Version folder names under ``kind`` (complete or not), oldest first."""
-    return sorted((n for n in list_names(out, kind) if _VERSION.match(n)), key=lambda n: int(n[1:]))
+    return sorted((n for n in list_names(out, kind) if _VERSION.match(n)), key=version_number)
 
 
 def is_complete(out: Location, kind: str, version: str) -> bool:
@@ -79,7 +84,7 @@ def start_version(out: Location, kind: str, fingerprint: str) -> tuple[str, bool
     if resumed:
         return resumed, True
     versions = list_versions(out, kind)
-    new = f"v{(int(versions[-1][1:]) + 1) if versions else 1:04d}"
+    new = f"v{(version_number(versions[-1]) + 1) if versions else 1:04d}"
     write_bytes_atomic(out, f"{kind}/{new}/{FINGERPRINT}", json.dumps({"fingerprint": fingerprint}).encode())
     return new, False
 
@@ -130,10 +135,6 @@ def put_file(out: Location, rel: str, local_path: str, *, move: bool = False) ->
 # ----------------------------------------------------------------------------- LATEST
 
 
-def write_latest(out: Location, record: dict) -> None:
-    write_bytes_atomic(out, LATEST, json.dumps(record, indent=2, sort_keys=True).encode())
-
-
 def resolve_latest(out: Location | str) -> dict:
     """The published record: ``{"index": "vNNNN", "neighbors": "vNNNN", "k": ..., ...}``."""
     out = open_location(out) if isinstance(out, str) else out
@@ -141,19 +142,6 @@ def resolve_latest(out: Location | str) -> dict:
         raise FileNotFoundError(f"{out.url_of(LATEST)} does not exist: no index has been published yet "
                                 "(run the index and neighbors stages)")
     return json.loads(read_bytes(out, LATEST))
-
-
-def latest_record(*, index_version: str, neighbors_version: str, index_manifest: dict, k: int) -> dict:
-    return {
-        "format": 1,
-        "index": index_version,
-        "neighbors": neighbors_version,
-        "index_key": index_manifest["index_key"],
-        "metric": index_manifest["metric"],
-        "chunks": index_manifest["totals"]["chunks"],
-        "k": k,
-        "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
 
 
 # ----------------------------------------------------------------------------- opening an index
@@ -166,30 +154,50 @@ def _require_complete(out: Location, kind: str, version: str) -> dict:
     return m
 
 
+def _local_sha256(path: str, block: int = 16 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while data := f.read(block):
+            h.update(data)
+    return h.hexdigest()
+
+
+def _cache_folder(out: Location, folder: str, entries: list[dict], cache_dir: str | None) -> str:
+    """Keyed by the folder's URL and the manifest's sha256 of every file: a later build at the same URL
+    (other bytes under the same version name) gets another folder, never an earlier build's files."""
+    h = hashlib.sha256(out.url_of(folder).encode())
+    for e in entries:
+        h.update(f"\n{e['path']}\t{e.get('sha256', '')}".encode())
+    return os.path.join(cache_dir or os.path.join(tempfile.gettempdir(), "retroforge-index-cache"), h.hexdigest()[:32])
+
+
+def _cached(path: str, entry: dict) -> bool:
+    """A cached copy is used only when its bytes have the manifest's sha256 (checked before anything reads it)."""
+    return "sha256" in entry and os.path.exists(path) and _local_sha256(path) == entry["sha256"]
+
+
+def _download(out: Location, folder: str, entry: dict, dst: str) -> None:
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    tmp = f"{dst}.tmp-{uuid.uuid4().hex}"
+    retry(functools.partial(out.fs.get_file, out.path(f"{folder}/{entry['path']}"), tmp),
+          f"read {out.url_of(folder, entry['path'])}")
+    if "sha256" in entry and _local_sha256(tmp) != entry["sha256"]:
+        os.remove(tmp)
+        raise IOError(f"{out.url_of(folder, entry['path'])}: checksum mismatch on download")
+    os.replace(tmp, dst)
+
+
 def fetch_files(out: Location, folder: str, entries: list[dict], cache_dir: str | None = None) -> str:
     """A local folder holding ``entries`` of ``folder``: the folder itself on a local ``--out``, else
-    a download into ``cache_dir`` (checked against sha256 when the entry has one). Published files
-    are immutable, so a cached copy never goes stale."""
+    a download into ``cache_dir``, checked against each entry's sha256 (from the manifest). A cached
+    copy is reused only when it still has that sha256; an entry without one is always downloaded."""
     if out.is_local:
         return out.path(folder)
-    key = hashlib.sha256(out.url_of(folder).encode()).hexdigest()[:24]
-    base = os.path.join(cache_dir or os.path.join(tempfile.gettempdir(), "retroforge-index-cache"), key)
+    base = _cache_folder(out, folder, entries, cache_dir)
     for e in entries:
         dst = os.path.join(base, e["path"])
-        if os.path.exists(dst) and ("bytes" not in e or os.path.getsize(dst) == e["bytes"]):
-            continue
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        tmp = f"{dst}.tmp-{uuid.uuid4().hex}"
-        out.fs.get_file(out.path(f"{folder}/{e['path']}"), tmp)
-        if "sha256" in e:
-            h = hashlib.sha256()
-            with open(tmp, "rb") as f:
-                while data := f.read(16 << 20):
-                    h.update(data)
-            if h.hexdigest() != e["sha256"]:
-                os.remove(tmp)
-                raise IOError(f"{out.url_of(folder, e['path'])}: checksum mismatch on download")
-        os.replace(tmp, dst)
+        if not _cached(dst, e):
+            _download(out, folder, e, dst)
     return base
 
 

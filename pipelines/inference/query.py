@@ -9,6 +9,7 @@ later queries cost one encoder pass and one index search.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -58,7 +59,9 @@ class Hit:
 class BuildSearcher:
     """A published build, loaded once: its chunks, sources, tombstones, tokenizer, encoder and index."""
 
-    def __init__(self, data_url: str):
+    def __init__(self, data_url: str, device: str = "cpu"):
+        """``device``: where the encoder runs (``cpu``, ``cuda``, or ``auto``: cuda when there is one); the
+        index is searched on the CPU either way."""
         from models.encoder import ChunkEncoder, EncoderConfig
         from pipelines.text.tokenizer import load_tokenizer, resolve_model_path
 
@@ -69,7 +72,7 @@ class BuildSearcher:
         emb = require_manifest(self.data, "embeddings", "queries")
         self.tokenizer = load_tokenizer(self.reader.tokenizer.get("name", "packaged:all-MiniLM-L6-v2"))
         self.encoder = ChunkEncoder(EncoderConfig(resolve_model_path(emb["encoder"]), pooling=emb.get("pooling", "mean"),
-                                                  compute_dtype=emb.get("compute_dtype", "auto"), device="cpu",
+                                                  compute_dtype=emb.get("compute_dtype", "auto"), device=device,
                                                   cls_id=self.tokenizer.cls_id, pad_id=self.tokenizer.pad_id))
         self.index = open_index(self.data, self.latest["index"])
         # a lossy index (PQ...) ranks by approximate distances: re-rank its candidates exactly, as the
@@ -91,17 +94,31 @@ class BuildSearcher:
 
     def search_text(self, text: str, k: int) -> list[Hit]:
         """The k live chunks nearest ``text`` (embedded as the first chunk of a document would be), best first."""
+        return self.search_texts([text], k)[0]
+
+    def search_texts(self, texts: Sequence[str], k: int | Sequence[int]) -> list[list[Hit]]:
+        """:meth:`search_text` for many texts at once (one of ``k`` per text, or one for all): one encoder pass
+        and one index search for the lot, which is what makes a batch of requests cheaper than its requests."""
+        ks = [int(k)] * len(texts) if isinstance(k, int) else [int(x) for x in k]
+        if len(ks) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(ks)} values of k")
+        if not texts:
+            return []
         c = self.reader.chunk_size
-        ids = self.tokenizer.tokenizer.encode(text, add_special_tokens=True).ids[:c]
-        row = np.zeros((1, c + 1), np.int64)
-        row[0, :len(ids)] = ids
-        query = self.encoder.embed(row).astype(np.float32)
-        distances, found = self.index.search(query, min(max(k + OVERFETCH, self.rerank), self.reader.n_chunks))
+        rows = np.zeros((len(texts), c + 1), np.int64)
+        for i, text in enumerate(texts):
+            ids = self.tokenizer.tokenizer.encode(text, add_special_tokens=True).ids[:c]
+            rows[i, :len(ids)] = ids
+        query = self.encoder.embed(rows).astype(np.float32)
+        distances, found = self.index.search(query, min(max(max(ks) + OVERFETCH, self.rerank), self.reader.n_chunks))
         if self.exact is not None:
             distances, found = self.exact.rescore(query, found, self.metric)
-        keep = found[0] >= 0
-        keep[keep] = ~self.reader.dead(found[0][keep])
-        return self.hits(found[0][keep][:k], distances[0][keep][:k])
+        answers = []
+        for i, want in enumerate(ks):
+            keep = found[i] >= 0
+            keep[keep] = ~self.reader.dead(found[i][keep])
+            answers.append(self.hits(found[i][keep][:want], distances[i][keep][:want]))
+        return answers
 
     def chunk_and_neighbors(self, chunk_id: int) -> list[Hit]:
         """The chunk itself (rank 0, distance 0) and its stored neighbors from the published neighbors version."""

@@ -9,7 +9,8 @@ maximum doc and chunk ids. Existing parts are never touched.
 The four manifests and the tombstones manifest must change together. They are first written as
 one journal, ``reindex/_pending.json``; then applied one by one; then the journal is removed. A
 run killed in between finds the journal and applies it again (:func:`apply_pending`), so the
-folders never disagree for longer than a run.
+folders never disagree for longer than a run. The journal and each manifest are written only after
+checking, immediately before, that the run still holds the ``--out`` lock.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 import ray
 
+from pipelines.artifacts.lock import OutLock
 from pipelines.artifacts.manifest import MANIFEST_NAME, code_version, read_manifest
 from pipelines.artifacts.storage import Location, exists, read_bytes, remove, remove_tree, write_bytes_atomic
 from pipelines.artifacts.tombstones import FOLDER as TOMBSTONES
@@ -114,19 +116,21 @@ def _write_manifest_dict(out: Location, folder: str, m: dict) -> None:
     write_bytes_atomic(out, f"{folder}/{MANIFEST_NAME}", json.dumps(m, indent=2, sort_keys=True).encode())
 
 
-def apply_pending(out: Location) -> bool:
+def apply_pending(out: Location, lock: OutLock) -> bool:
     """Finish a journaled append (this run's, or one a killed run left); True when there was one."""
     if not exists(out, PENDING):
         return False
     journal = json.loads(read_bytes(out, PENDING))
     for folder in journal["order"]:
+        lock.verify()
         _write_manifest_dict(out, folder, journal["manifests"][folder])
+    lock.verify()
     remove(out, PENDING)
     remove_tree(out, STAGING)  # this run's units, and any a killed run of another plan left (we hold the lock)
     return True
 
 
-def append_delta(out: Location, delta: CorpusDelta, settings: TokenizeSettings, tomb: Tombstones,
+def append_delta(out: Location, lock: OutLock, delta: CorpusDelta, settings: TokenizeSettings, tomb: Tombstones,
                  run_id: str) -> AppendSummary:
     """Tokenize the selected records into new parts, tombstone the dead documents, commit both."""
     start = time.perf_counter()
@@ -189,7 +193,8 @@ def append_delta(out: Location, delta: CorpusDelta, settings: TokenizeSettings, 
         "documents": int(tomb_m["totals"]["documents"]) + summary.tombstoned_documents,
         "chunks": int(tomb_m["totals"]["chunks"]) + summary.tombstoned_chunks}, {"last_reindex": run_id})
     order = [TOMBSTONES, *OUTPUT_FOLDERS]  # chunks last, as the tokenize stage does
+    lock.verify()
     write_bytes_atomic(out, PENDING, json.dumps({"plan": plan, "order": order, "manifests": manifests}).encode())
-    apply_pending(out)
+    apply_pending(out, lock)
     summary.seconds = time.perf_counter() - start
     return summary

@@ -29,6 +29,7 @@ import numpy as np
 import ray
 
 from pipelines.artifacts.embeddings import EmbeddingPart, NpyPart, gather_rows, load_embeddings_info, part_rel
+from pipelines.artifacts.manifest import read_manifest
 from pipelines.artifacts.storage import Location, open_location
 from pipelines.artifacts.tombstones import Tombstones
 from pipelines.artifacts.versions import fetch_files, file_entry
@@ -135,7 +136,8 @@ def update_index_task(job: IndexJob, sample: RecallSample) -> dict:
     use_blas_for_batches()
     out = open_location(job.out_url)
     with tempfile.TemporaryDirectory() as d:
-        local = fetch_files(out, job.base_folder, [{"path": f} for f in job.base_files], cache_dir=d)
+        entries = [e for e in read_manifest(out, job.base_folder)["parts"] if e["path"] in job.base_files]
+        local = fetch_files(out, job.base_folder, entries, cache_dir=d)  # checked against the manifest's sha256
         index = faiss.read_index(os.path.join(local, job.base_files[0]))
     why = updatable(index)
     if why != UPDATABLE:

@@ -26,6 +26,7 @@ import numpy as np
 import ray
 
 from pipelines.artifacts.embeddings import DocBounds, EmbeddingPart, NpyPart, load_embeddings_info, part_rel, read_part_ids
+from pipelines.artifacts.lock import OutLock
 from pipelines.artifacts.manifest import part_is_valid, part_name, read_manifest, write_manifest
 from pipelines.artifacts.parquet import write_table
 from pipelines.artifacts.storage import Location, open_location, remove_stale_temporaries, write_bytes_atomic
@@ -154,8 +155,10 @@ class NeighborsUpdate:
 
 def run_reindex_neighbors(out: Location, *, version: str, index_version: str, base_neighbors: str,
                           chunks_covered: int, tombstone_parts: int, k: int, extra: int, metric: str, full: bool,
-                          fingerprint: str, reindex: dict, concurrency: int, config: dict) -> NeighborsUpdate:
-    """Compute (or resume) ``neighbors/<version>`` and write its manifest; LATEST is left alone."""
+                          fingerprint: str, reindex: dict, concurrency: int, config: dict,
+                          lock: OutLock) -> NeighborsUpdate:
+    """Compute (or resume) ``neighbors/<version>`` and write its manifest (while ``lock`` is still this
+    run's); LATEST is left alone."""
     start = time.perf_counter()
     folder = f"neighbors/{version}"
     remove_stale_temporaries(out, folder)
@@ -178,6 +181,7 @@ def run_reindex_neighbors(out: Location, *, version: str, index_version: str, ba
         raise RuntimeError(f"{out.url_of(folder)}: parts do not cover every chunk exactly once; not publishing")
     counts = {c: sum(int(e[c]) for e in entries) for c in COUNTS}
     recall = sample_recall(out, folder, f"index/{index_version}", entries, k)
+    lock.verify()
     write_manifest(out, folder, stage="reindex", parts=entries,
                    totals={"rows": info.n, "k": k, "rows_with_pads": sum(e["pad_rows"] for e in entries),
                            "rows_short_after_retries": 0, "rows_tombstoned": counts["rows_dropped"]},

@@ -8,8 +8,10 @@ Steps, each in its own module:
 4. :mod:`pipelines.reindex.index`: a new index version from a copy of the published one (its trained
    quantizers reused), or a full rebuild when the drift check says so (:mod:`pipelines.reindex.state`);
 5. :mod:`pipelines.reindex.neighbors`: the new neighbors version, recomputing only what can change;
-6. :mod:`pipelines.reindex.publish`: the LATEST swap under :mod:`pipelines.reindex.lock`, old
-   versions, ``history.jsonl``.
+6. :func:`pipelines.artifacts.publish.publish`: the LATEST swap (the build's guards, plus the base this
+   run started from); then :mod:`pipelines.reindex.publish`: old versions, ``history.jsonl``.
+The run holds the ``--out`` lock (:mod:`pipelines.artifacts.lock`) throughout, and checks that it still
+does immediately before every commit: the append journal, each manifest, the swap, the history.
 What remains to do is derived from the artifacts each time (what LATEST covers against ``chunks/``
 and ``tombstones/``), so a killed run is resumed by the next one, and a run with nothing to do
 changes nothing.
@@ -24,15 +26,16 @@ import numpy as np
 import ray
 
 from pipelines.artifacts.embeddings import DocBounds, load_embeddings_info
+from pipelines.artifacts.lock import OutLock
 from pipelines.artifacts.manifest import read_manifest
+from pipelines.artifacts.publish import publish
 from pipelines.artifacts.storage import Location, check_writable
 from pipelines.artifacts.tombstones import Tombstones
 from pipelines.artifacts.versions import find_complete, fingerprint_of, start_version
 from pipelines.reindex.append import AppendSummary, append_delta, apply_pending, tokenize_settings
 from pipelines.reindex.index import IndexJob, full_index_task, update_index_task, write_version
-from pipelines.reindex.lock import ReindexLock
 from pipelines.reindex.neighbors import NeighborsUpdate, run_reindex_neighbors
-from pipelines.reindex.publish import append_history, now, publish, remove_old_versions
+from pipelines.reindex.publish import append_history, now, remove_old_versions
 from pipelines.reindex.sample import live_recall_sample
 from pipelines.reindex.scan import CorpusDelta, scan_corpus
 from pipelines.reindex.state import BaseState, base_state, drift_reason, pending_work
@@ -165,7 +168,7 @@ def _dead_in(tomb: Tombstones, lo: int, hi: int) -> int:
     return int(np.maximum(b - a, 0).sum())
 
 
-def update_versions(out: Location, base: BaseState, *, index_key: str, max_growth: float, min_recall: float,
+def update_versions(out: Location, lock: OutLock, base: BaseState, *, index_key: str, max_growth: float, min_recall: float,
                     full: bool, recall_sample: int, concurrency: int, config: dict, summary: ReindexSummary) -> None:
     """Steps 3-5: embed new parts, write the new index and neighbors versions (not yet published)."""
     summary.embedded = _embed_new_parts(out, concurrency)
@@ -226,6 +229,7 @@ def update_versions(out: Location, base: BaseState, *, index_key: str, max_growt
         if result["ntotal"] != info.n - tomb.chunks:
             raise RuntimeError(f"index/{version} holds {result['ntotal']} vectors, but {info.n - tomb.chunks} chunks "
                                "are live; not publishing it")
+        lock.verify()
         m = write_version(out, job, result, sample, fingerprint=fp, embeddings_fp=info.fingerprint,
                           docs_fp=bounds.fingerprint, chunks_total=info.n, k=settings.k,
                           extra_neighbors=settings.extra_neighbors, reindex=reindex, config=config)
@@ -250,7 +254,7 @@ def update_versions(out: Location, base: BaseState, *, index_key: str, max_growt
         out, version=nversion, index_version=version, base_neighbors=base.neighbors_version, chunks_covered=covered,
         tombstone_parts=tomb.parts, k=settings.k, extra=settings.extra_neighbors, metric=settings.metric,
         full=r["mode"] == "full", fingerprint=nfp, reindex={"mode": r["mode"], "reason": r["reason"]},
-        concurrency=concurrency, config=config) if not done else _done_neighbors(out, done)
+        concurrency=concurrency, config=config, lock=lock) if not done else _done_neighbors(out, done)
     summary.neighbors_version = nversion
 
 
@@ -262,7 +266,7 @@ def _done_neighbors(out: Location, version: str) -> NeighborsUpdate:
         len(m["parts"]), m.get("recall_at_k"), 0.0)
 
 
-def index_and_publish(out: Location, lock: ReindexLock, base: BaseState, *, index_key: str, max_growth: float,
+def index_and_publish(out: Location, lock: OutLock, base: BaseState, *, index_key: str, max_growth: float,
                       min_recall: float, full: bool, keep: int, recall_sample: int, concurrency: int, config: dict,
                       summary: ReindexSummary) -> None:
     """Steps 3-6 over whatever ``chunks/`` and ``tombstones/`` hold beyond what LATEST covers (nothing
@@ -275,13 +279,14 @@ def index_and_publish(out: Location, lock: ReindexLock, base: BaseState, *, inde
         summary.index_version, summary.neighbors_version = summary.base
         return
     concurrency = concurrency or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    update_versions(out, base, index_key=index_key, max_growth=max_growth, min_recall=min_recall, full=full,
+    update_versions(out, lock, base, index_key=index_key, max_growth=max_growth, min_recall=min_recall, full=full,
                     recall_sample=recall_sample, concurrency=concurrency, config=config, summary=summary)
     im = read_manifest(out, f"index/{summary.index_version}")
     publish(out, lock, base={"index": base.index_version, "neighbors": base.neighbors_version},
             index_version=summary.index_version, neighbors_version=summary.neighbors_version, index_manifest=im,
             k=base.k, extra={"chunks_total": chunks_total, "live_chunks": chunks_total - tomb.chunks,
                              "tombstone_parts": tomb.parts, "reindex": im["reindex"]["mode"]})
+    lock.verify()
     summary.removed_versions = remove_old_versions(out, keep, {"index": summary.index_version,
                                                                "neighbors": summary.neighbors_version})
 
@@ -294,23 +299,20 @@ def run_reindex(*, corpus: list[str], out: Location, text_field: str = "", index
     start = time.perf_counter()
     summary = ReindexSummary(out.url, now())
     check_writable(out)
-    lock = ReindexLock(out, lock_ttl)
-    lock.acquire()
-    try:
-        summary.resumed_append = apply_pending(out)
+    with OutLock(out, lock_ttl).held() as lock:
+        summary.resumed_append = apply_pending(out, lock)
         base = base_state(out)
         summary.base = (base.index_version, base.neighbors_version)
         tomb = Tombstones.load(out)
         settings = tokenize_settings(out, text_field)
         summary.delta = scan_corpus(out, corpus, settings, tomb)
         if not summary.delta.empty:
-            lock.verify()
-            summary.append = append_delta(out, summary.delta, settings, tomb, f"{summary.started}-{uuid.uuid4().hex[:8]}")
+            summary.append = append_delta(out, lock, summary.delta, settings, tomb,
+                                          f"{summary.started}-{uuid.uuid4().hex[:8]}")
         index_and_publish(out, lock, base, index_key=index_key, max_growth=max_growth, min_recall=min_recall,
                           full=full, keep=keep, recall_sample=recall_sample, concurrency=concurrency,
                           config=config or {}, summary=summary)
         summary.seconds = time.perf_counter() - start
+        lock.verify()
         append_history(out, summary.history())
         return summary
-    finally:
-        lock.release()

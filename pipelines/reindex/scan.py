@@ -29,6 +29,7 @@ from pipelines.artifacts.manifest import read_manifest
 from pipelines.artifacts.parquet import read_table
 from pipelines.artifacts.storage import Location
 from pipelines.artifacts.tombstones import Tombstones
+from pipelines.runtime.redact import redact
 from pipelines.stages.tokenize import TokenizeSettings, _record_offsets, _source, auto_unit_bytes
 from pipelines.text.corpus import WorkItem, WorkUnit, list_corpus, plan_units
 from pipelines.text.readers import NOT_READ, read_item
@@ -46,7 +47,7 @@ def scan_unit(unit: WorkUnit, text_field: str, max_doc_bytes: int) -> dict:
             if rec.position >= 0:
                 item_records[i] = rec.position + 1
             if rec.text is None:
-                bad.append((i, rec.position, rec.reason, rec.detail))
+                bad.append((i, rec.position, rec.reason, redact(rec.detail)))  # as the quarantine rows record it
             else:
                 data = rec.text.encode("utf-8")
                 docs.append((i, rec.position, hashlib.sha256(data).hexdigest(), len(data)))

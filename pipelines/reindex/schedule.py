@@ -7,12 +7,13 @@ import traceback
 
 from pipelines.reindex.config import EXIT_BUSY, ReindexConfig, parse_every
 from pipelines.runtime.config import config_to_dict, fail
+from pipelines.runtime.redact import redact
 
 
 def run_once(cfg: ReindexConfig) -> int:
+    from pipelines.artifacts.lock import LockHeld, NotCommitted
     from pipelines.artifacts.storage import open_location
-    from pipelines.reindex.lock import LockHeld, LockLost
-    from pipelines.reindex.publish import StaleBase, append_history, now
+    from pipelines.reindex.publish import append_history, now
     from pipelines.reindex.run import run_reindex
 
     out = open_location(cfg.out)
@@ -22,14 +23,14 @@ def run_once(cfg: ReindexConfig) -> int:
                               max_growth=cfg.max_growth, min_recall=cfg.min_recall, full=cfg.full, keep=cfg.keep,
                               lock_ttl=cfg.lock_ttl, recall_sample=cfg.recall_sample, concurrency=cfg.concurrency,
                               config=config_to_dict(cfg))
-    except (LockHeld, LockLost, StaleBase) as e:
-        print(f"reindex: {e}; nothing published", flush=True)
+    except NotCommitted as e:  # the lock is held or was lost, or LATEST moved meanwhile
+        print(redact(f"reindex: {e}; nothing published"), flush=True)
         if out.is_local and isinstance(e, LockHeld):  # an O_APPEND line cannot disturb the lock holder's
             append_history(out, {"time": now(), "action": "skipped", "reason": str(e),
                                  "seconds": round(time.perf_counter() - start, 3)})
         return EXIT_BUSY
     for line in summary.lines():
-        print(line, flush=True)
+        print(redact(line), flush=True)
     return 0
 
 
@@ -64,7 +65,7 @@ def run_schedule(cfg: ReindexConfig) -> int:
         except one_line_errors as e:  # a storage failure retires nothing: the next run sees the whole corpus
             if not period:
                 fail(str(task_cause(e)))
-            print(f"reindex: run failed: {task_cause(e)}", file=sys.stderr, flush=True)
+            print(redact(f"reindex: run failed: {task_cause(e)}"), file=sys.stderr, flush=True)
             code = 1
         except Exception:  # noqa: BLE001 - a periodic driver reports a failed run and keeps its schedule
             if not period:

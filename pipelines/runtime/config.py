@@ -13,6 +13,8 @@ import tomllib
 import typing
 from typing import Any, TypeVar
 
+from pipelines.runtime.redact import redact
+
 T = TypeVar("T")
 
 
@@ -83,6 +85,7 @@ def config_to_dict(cfg: Any) -> dict:
 
 
 def fail(message: str, code: int = 2) -> typing.NoReturn:
-    """Print a one-line error and exit: how every job reports bad input before work starts."""
-    print(f"error: {message}", file=sys.stderr)
+    """Print a one-line error and exit: how every job reports bad input before work starts. URLs in it are
+    redacted (an error often names the input it could not read)."""
+    print(f"error: {redact(message)}", file=sys.stderr)
     raise SystemExit(code)

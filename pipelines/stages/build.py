@@ -4,9 +4,11 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
+from pipelines.artifacts.publish import refuse_reindexed
 from pipelines.artifacts.storage import Location, check_writable, open_location
 from pipelines.runtime.config import config_to_dict
 from pipelines.runtime.ray_session import cluster_cpus, cluster_gpus, init_ray
+from pipelines.runtime.redact import redact
 from pipelines.stages.build_config import DEMO_OUT, BuildConfig, bundled_corpus
 
 
@@ -50,7 +52,7 @@ def _index(cfg: BuildConfig, out: Location, corpus: list[str], concurrency: int)
     return run_index(out=out, index_key=cfg.index_key, max_index_memory=cfg.max_index_memory,
                      max_query_ms=cfg.max_query_ms, metric=cfg.metric, single_node_max_vectors=cfg.single_node_max_vectors,
                      distributed=cfg.distributed, k=cfg.k, extra_neighbors=cfg.extra_neighbors,
-                     concurrency=concurrency, config=config_to_dict(cfg))
+                     target_recall=cfg.target_recall, concurrency=concurrency, config=config_to_dict(cfg))
 
 
 def _neighbors(cfg: BuildConfig, out: Location, corpus: list[str], concurrency: int):
@@ -71,6 +73,9 @@ def run_build(cfg: BuildConfig) -> int:
 
     Returns:
         The process exit code: 0, or 1 when more input was quarantined than ``--max-bad-fraction`` allows.
+
+    Raises:
+        ReindexedBuild: the index or neighbors stage on a build that jobs.reindex has changed (before Ray starts).
     """
 
     corpus = cfg.corpus or [bundled_corpus()]
@@ -81,17 +86,19 @@ def run_build(cfg: BuildConfig) -> int:
         from pipelines.text.corpus import list_corpus
 
         list_corpus(corpus, exclude=out)  # a missing corpus fails here, before Ray starts
+    if {"index", "neighbors"} & set(stages):
+        refuse_reindexed(out, "the index and neighbors stages")
     init_ray(cfg.ray_address or None, cfg.num_cpus or None)
     concurrency = cfg.concurrency or cluster_cpus()
     code = 0
     for name in stages:
         summary = STAGES[name](cfg, out, corpus, concurrency)
         for line in summary.lines():
-            print(line, flush=True)
+            print(redact(line), flush=True)
         if name == "tokenize" and summary.bad_fraction > cfg.max_bad_fraction:
             print(f"error: {summary.quarantined} of {summary.documents_read} documents quarantined "
                   f"({summary.bad_fraction:.1%} > --max-bad-fraction {cfg.max_bad_fraction:.1%}); "
-                  f"see {out.url_of('quarantine')}", file=sys.stderr)
+                  f"see {redact(out.url_of('quarantine'))}", file=sys.stderr)
             code = 1
-    print(f"build: artifacts in {out.url}", flush=True)
+    print(f"build: artifacts in {redact(out.url)}", flush=True)
     return code

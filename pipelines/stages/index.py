@@ -28,6 +28,8 @@ Two build paths:
 Ground truth for the recall sample is computed part by part (in-process on the single-node path,
 as Ray tasks on the distributed one). The version is published only after it validates (ntotal
 equals the chunk count); ``LATEST`` is written by the neighbors stage once neighbors exist too.
+A build that a re-index has changed (``tombstones/`` exists) is refused: this stage would index its
+tombstoned chunks; ``jobs.reindex`` (``--full`` to rebuild) keeps such a build current.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ import ray
 
 from pipelines.artifacts.embeddings import DocBounds, EmbeddingsInfo, gather_rows, load_embeddings_info, uniform_sample
 from pipelines.artifacts.manifest import read_manifest, write_manifest
+from pipelines.artifacts.publish import refuse_reindexed
 from pipelines.artifacts.storage import Location, remove_tree, write_bytes_atomic
 from pipelines.artifacts.versions import file_entry, file_is_valid, find_complete, fingerprint_of, start_version
 from pipelines.runtime.procstats import peak_rss_mb
@@ -169,7 +172,8 @@ class IndexSummary:
 def _summary_from_manifest(m: dict, version: str) -> IndexSummary:
     return IndexSummary(version, m["index_key"], m.get("index_param", ""), m["mode"], m["layout"], m["totals"]["chunks"],
                         m["totals"]["ntotal"], m["totals"]["size_bytes"], m["recall_at_k"], m["neighbor_recall_at_k"],
-                        m["query_ms"], m["k"], 0.0, up_to_date=True)
+                        m["query_ms"], m["k"], 0.0, up_to_date=True, key_reason=m.get("key_reason", ""),
+                        rerank=int(m.get("rerank_candidates", 0)))
 
 
 def index_fingerprint(info: EmbeddingsInfo, bounds: DocBounds, settings: IndexSettings, key: str, mode: str) -> str:
@@ -181,8 +185,13 @@ def run_index(*, out: Location, index_key: str = "", max_index_memory: str = "4G
               metric: str = "l2", single_node_max_vectors: int = 2_000_000, distributed: bool = False, k: int = 2,
               extra_neighbors: int = 10, target_recall: float = 0.97, recall_sample: int = 1000,
               concurrency: int = 0, config: dict | None = None) -> IndexSummary:
-    """Build, evaluate and commit one index version (or find the one these inputs already made)."""
+    """Build, evaluate and commit one index version (or find the one these inputs already made).
+
+    Raises:
+        ReindexedBuild: the build has been re-indexed (see the module docstring).
+    """
     start = time.perf_counter()
+    refuse_reindexed(out, "the index stage")
     use_blas_for_batches()
     settings = IndexSettings(index_key, max_index_memory, max_query_ms, metric, k, extra_neighbors,
                              target_recall, recall_sample)
@@ -252,7 +261,7 @@ def run_index(*, out: Location, index_key: str = "", max_index_memory: str = "4G
                    extra={"fingerprint": fp, "embeddings_fingerprint": info.fingerprint, "docs_fingerprint": bounds.fingerprint,
                           "index_key": key, "index_param": param, "metric": metric, "layout": layout,
                           "index_files": files, "mode": mode, "k": k, "extra_neighbors": extra_neighbors,
-                          "rerank_candidates": chosen["rerank"],
+                          "rerank_candidates": chosen["rerank"], "key_reason": key_reason,
                           "recall_at_k": chosen["recall"],
                           "neighbor_recall_at_k": chosen["neighbor_recall"], "query_ms": chosen["ms_per_query"]})
     return IndexSummary(version, key, param, mode, layout, info.n, ntotal, size, chosen["recall"],

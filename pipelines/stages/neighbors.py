@@ -8,7 +8,9 @@ load the index once, memory-mapped where the index allows, plus the documents' f
 in ``_parts/``; a killed run resumes with the parts whose sidecar still validates (size, sha256).
 
 Publishing: when every part validates (one row per chunk), the manifest is written, and only then
-``LATEST`` is replaced (atomically) to name this neighbors version and its index version.
+``LATEST`` is replaced (atomically) to name this neighbors version and its index version, through
+the one guarded publish (:func:`pipelines.artifacts.publish.publish_build`: under the ``--out`` lock,
+never on a re-indexed build, never backwards).
 """
 from __future__ import annotations
 
@@ -21,18 +23,9 @@ import ray
 
 from pipelines.artifacts.embeddings import DocBounds, EmbeddingPart, NpyPart, load_embeddings_info, part_rel, read_part_ids
 from pipelines.artifacts.manifest import part_is_valid, part_name, read_manifest, write_manifest
-from pipelines.artifacts.storage import Location, exists, open_location, remove_stale_temporaries, remove_tree
-from pipelines.artifacts.versions import (
-    LATEST,
-    complete_versions,
-    find_complete,
-    fingerprint_of,
-    latest_record,
-    open_index,
-    resolve_latest,
-    start_version,
-    write_latest,
-)
+from pipelines.artifacts.publish import publish_build
+from pipelines.artifacts.storage import Location, open_location, remove_stale_temporaries, remove_tree
+from pipelines.artifacts.versions import complete_versions, find_complete, fingerprint_of, open_index, start_version
 from pipelines.runtime.procstats import peak_rss_mb
 from pipelines.runtime.ray_session import max_node_cpus
 from pipelines.search.knn import search_neighbors, use_blas_for_batches
@@ -177,17 +170,6 @@ def _newest_index_for(out: Location, embeddings_fp: str) -> str:
                             "embeddings: run the index stage first")
 
 
-def _publish(out: Location, index_version: str, version: str, index_manifest: dict, k: int) -> bool:
-    """Point LATEST at (index_version, version); False when it already does."""
-    if exists(out, LATEST):
-        cur = resolve_latest(out)
-        if cur.get("index") == index_version and cur.get("neighbors") == version:
-            return False
-    write_latest(out, latest_record(index_version=index_version, neighbors_version=version,
-                                    index_manifest=index_manifest, k=k))
-    return True
-
-
 def run_neighbors(*, out: Location, index_version: str | None = None, k: int = 2, extra_neighbors: int = 10,
                   concurrency: int = 0, publish: bool = True, search: str = "auto", shard_memory: str = "2G",
                   config: dict | None = None) -> NeighborsSummary:
@@ -216,7 +198,8 @@ def run_neighbors(*, out: Location, index_version: str | None = None, k: int = 2
     if done:
         m = read_manifest(out, f"neighbors/{done}")
         if all(part_is_valid(out, f"neighbors/{done}", e) for e in m["parts"]):
-            published = _publish(out, index_version, done, im, k) if publish else False
+            published = publish_build(out, index_version=index_version, neighbors_version=done, index_manifest=im,
+                                      k=k) if publish else False
             return NeighborsSummary(done, index_version, info.n, k, m["totals"]["rows_with_pads"], len(m["parts"]),
                                     len(m["parts"]), m.get("recall_at_k"), time.perf_counter() - start, published,
                                     up_to_date=True)
@@ -269,7 +252,8 @@ def run_neighbors(*, out: Location, index_version: str | None = None, k: int = 2
                           "recall_at_k": recall, "cpu_seconds": round(cpu_s, 3),
                           "cpu_ms_per_chunk": round(1000 * cpu_s / max(info.n, 1), 4), **how})
     remove_tree(out, f"{folder}/{ROUTED_WORK}")
-    published = _publish(out, index_version, version, im, k) if publish else False
+    published = publish_build(out, index_version=index_version, neighbors_version=version, index_manifest=im,
+                              k=k) if publish else False
     return NeighborsSummary(version, index_version, info.n, k, pads, len(parts), kept, recall,
                             time.perf_counter() - start, published, actors=n_actors, cpus_per_actor=cpus,
                             worker_seconds=busy, actor_peak_rss_mb=peak, cpu_seconds=cpu_s, search=how)

@@ -7,7 +7,9 @@ Two passes over work units (see :mod:`pipelines.text.corpus`), both on Ray Data:
    ``finalize_units`` writes the final parts with dense global ids.
 Nothing but counts reaches the driver. A staged unit is kept across a kill, so a rerun only
 tokenizes what is missing; the final parts are a pure function of staged data and offsets, so
-they come out byte-identical on every run.
+they come out byte-identical on every run. Once ``LATEST`` is published, the chunks under it are
+never rewritten: a rerun with the same plan is a no-op (or rewrites the same bytes), another plan is
+refused (:func:`refuse_rewriting_published`).
 """
 from __future__ import annotations
 
@@ -36,7 +38,9 @@ from pipelines.artifacts.storage import (
     remove_tree,
     write_bytes_atomic,
 )
+from pipelines.artifacts.versions import LATEST
 from pipelines.runtime.ray_session import run_bounded
+from pipelines.runtime.redact import redact
 from pipelines.stages.build_config import BuildConfig
 from pipelines.text.chunking import doc_to_chunks, seq_starts
 from pipelines.text.corpus import InputFile, WorkUnit, list_corpus, plan_fingerprint, plan_units
@@ -90,7 +94,7 @@ def tokenize_unit(unit: WorkUnit, settings: TokenizeSettings, tokenizer,
     pending_bytes = 0
 
     def quarantine(item_idx: int, position: int, reason: str, detail: str) -> None:
-        q_item.append(item_idx), q_pos.append(position), q_reason.append(reason), q_detail.append(detail)
+        q_item.append(item_idx), q_pos.append(position), q_reason.append(reason), q_detail.append(redact(detail))
 
     def flush() -> None:
         nonlocal pending, pending_bytes
@@ -188,6 +192,9 @@ def tokenize_task(out_url: str, plan: str, settings: TokenizeSettings, unit_json
 
 
 def _source(url: str, fmt: str, position: int) -> str:
+    """The ``source`` a docs, quarantine or tombstones row records (and the re-index scan compares): the
+    input's URL without user info or signatures, and where in it the document was."""
+    url = redact(url)
     if position < 0:
         return url
     if fmt == "parquet":
@@ -308,15 +315,15 @@ def run_tokenize(*, corpus: list[str], out: Location, chunk_size: int, seq_len: 
     plan = plan_fingerprint(files, units, {**settings.__dict__, "tokenizer_fingerprint": tok.fingerprint})
 
     done = read_manifest(out, "chunks")
-    if done and done.get("reindexed") and done.get("plan") != plan:
-        raise ValueError(f"{out.url} has been updated by jobs.reindex (ids are never reused): re-tokenizing it would "
-                         "reassign them; run `python -m jobs.reindex --corpus ... --out ...`, or use a new --out")
-    if done and done.get("plan") == plan and all(
+    same_plan = done is not None and done.get("plan") == plan
+    if same_plan and all(
         (m := read_manifest(out, f)) is not None and not invalid_parts(out, f, m["parts"]) for f in OUTPUT_FOLDERS
     ):
         return _summary_from_manifest(done)
-    for folder in reversed(OUTPUT_FOLDERS):  # an old manifest must not vouch for parts being replaced
-        remove(out, f"{folder}/_manifest.json")
+    if not same_plan:  # the same plan rewrites the same bytes, which its manifests may go on vouching for
+        refuse_rewriting_published(out)
+        for folder in reversed(OUTPUT_FOLDERS):  # an old manifest must not vouch for parts being replaced
+            remove(out, f"{folder}/_manifest.json")
 
     counted = run_bounded(lambda u: tokenize_task.remote(out.url, plan, settings, json.dumps(u.to_dict())), units,
                           concurrency, "tokenize: pass 1")
@@ -347,6 +354,14 @@ def run_tokenize(*, corpus: list[str], out: Location, chunk_size: int, seq_len: 
                               "max_doc_mb": max_doc_mb})
     remove_tree(out, STAGING)
     return summary
+
+
+def refuse_rewriting_published(out: Location) -> None:
+    """Chunk ids are what a published LATEST's index and neighbors point at: never reassign them under it."""
+    if exists(out, LATEST):
+        raise ValueError(f"{out.url} is published (LATEST exists) and was tokenized from other input or settings: "
+                         "re-tokenizing would rewrite the chunk ids its index and neighbors name; build into a new "
+                         "--out, or bring this one up to date with `python -m jobs.reindex --corpus ... --out ...`")
 
 
 def _remove_unlisted_parts(out: Location, folder: str, keep: set[str]) -> None:

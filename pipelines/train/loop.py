@@ -30,6 +30,7 @@ import time
 from typing import Any
 
 from pipelines.artifacts.storage import open_location
+from pipelines.runtime.redact import redact_record
 from pipelines.train.checkpoint import check_same_model, load_resume_checkpoint, save_checkpoint
 from pipelines.train.config import CommonTrainConfig
 from pipelines.train.metrics import MetricsLog
@@ -110,7 +111,7 @@ def train_loop(loop_config: dict) -> None:
               flush=True)
     if step >= cfg.max_steps:
         return
-    cfg_json = json.dumps(dataclasses.asdict(cfg))
+    cfg_json = json.dumps(redact_record(dataclasses.asdict(cfg)))  # stored in every checkpoint
 
     window_loss = window_tokens = window_inputs = 0.0
     window_time = 0.0

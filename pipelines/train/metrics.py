@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from pipelines.artifacts.storage import Location, open_location, read_bytes, write_bytes_atomic
+from pipelines.runtime.redact import redact_record
 
 METRICS = "metrics.jsonl"
 
@@ -30,6 +31,7 @@ class MetricsLog:
         write_bytes_atomic(self.out, METRICS, "".join(json.dumps(r) + "\n" for r in self.rows).encode())
 
     def write(self, row: dict) -> None:
+        row = redact_record(row)  # a row may name a URL (the data, an error)
         self.rows.append(row)
         if self.out.is_local:
             with open(self.out.path(METRICS), "a") as f:

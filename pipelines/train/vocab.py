@@ -7,6 +7,7 @@ import numpy as np
 
 from pipelines.artifacts.build_reader import BuildReader
 from pipelines.artifacts.storage import Location, read_bytes, write_bytes_atomic
+from pipelines.runtime.redact import redact
 from pipelines.train.data_order import fingerprint
 
 
@@ -61,5 +62,5 @@ def corpus_vocab(data: Location, out: Location) -> np.ndarray:
     special = [reader.tokenizer.get(k) for k in ("pad_id", "cls_id", "sep_id")] + [100]
     ids = np.union1d(np.concatenate(found + [np.zeros(1, np.int64)]),
                      np.asarray([s for s in special if s is not None], np.int64))
-    write_bytes_atomic(out, rel, json.dumps({"ids": ids.tolist(), "data": data.url}).encode())
+    write_bytes_atomic(out, rel, json.dumps({"ids": ids.tolist(), "data": redact(data.url)}).encode())
     return ids

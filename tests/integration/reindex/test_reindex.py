@@ -296,7 +296,7 @@ def test_two_concurrent_runs_exactly_one_publishes(reindexed):
     corpus, out, runs = reindexed
     assert runs["codes"] == [0, 75], runs["outputs"]
     loser = runs["outputs"][1]
-    assert "another re-index run holds the lock" in loser and "nothing published" in loser
+    assert "another run holds the lock" in loser and "nothing published" in loser
     seen = runs["seen"]
     assert None not in seen and seen == sorted(seen)  # always readable, never backwards
     first, final = runs["first"], resolve_latest(str(out))
@@ -310,14 +310,14 @@ def test_two_concurrent_runs_exactly_one_publishes(reindexed):
 
 
 def test_lock_is_exclusive_and_stale_locks_are_broken(tmp_path):
-    from pipelines.reindex.lock import LOCK, LockHeld, LockLost, ReindexLock
+    from pipelines.artifacts.lock import LOCK, LockHeld, LockLost, OutLock
 
     out = open_location(str(tmp_path / "o"))
     winners, errors = [], []
     barrier = threading.Barrier(8)
 
     def contend():
-        lock = ReindexLock(out, ttl_s=60)
+        lock = OutLock(out, ttl_s=60)
         barrier.wait()
         try:
             lock.acquire()
@@ -339,10 +339,10 @@ def test_lock_is_exclusive_and_stale_locks_are_broken(tmp_path):
     dead.wait()
     (tmp_path / "o" / LOCK).write_text(json.dumps({"owner": "x", "host": holder.host, "pid": dead.pid,
                                                    "expires_at": time.time() + 600}))
-    lock = ReindexLock(out, ttl_s=60)
+    lock = OutLock(out, ttl_s=60)
     lock.acquire()
     # ... but not a live one, until it expires
-    other = ReindexLock(out, ttl_s=60)
+    other = OutLock(out, ttl_s=60)
     with pytest.raises(LockHeld):
         other.acquire()
     (tmp_path / "o" / LOCK).write_text(json.dumps({"owner": "y", "host": "elsewhere", "pid": 1,
@@ -356,22 +356,47 @@ def test_lock_is_exclusive_and_stale_locks_are_broken(tmp_path):
     assert not (tmp_path / "o" / LOCK).exists()
 
 
+def test_a_run_that_lost_its_lock_commits_nothing(published_build, tmp_path, monkeypatch):
+    """The lock is checked again immediately before each commit, not once before the work: taken over while the
+    append tokenizes, the run stops before its journal, and no manifest, tombstone or LATEST changes."""
+    import pipelines.reindex.append as append
+    from pipelines.artifacts.lock import LOCK, LockLost
+
+    out = tmp_path / "build"
+    shutil.copytree(published_build / "build", out)
+    corpus = write_corpus(tmp_path / "corpus", {"new.txt": "A document this build has never seen before. " * 40})
+    committed = {p: p.read_bytes() for p in [out / "LATEST", *out.glob("*/_manifest.json")]}
+    plan = append.plan_append_units
+
+    def take_over(*args, **kw):
+        (out / LOCK).write_text(json.dumps({"owner": "another run", "host": "elsewhere", "pid": 1,
+                                            "expires_at": time.time() + 600}))
+        return plan(*args, **kw)
+
+    monkeypatch.setattr(append, "plan_append_units", take_over)
+    with pytest.raises(LockLost):
+        run_reindex(corpus=[str(corpus)], out=open_location(str(out)), concurrency=2)
+    assert {p: p.read_bytes() for p in [out / "LATEST", *out.glob("*/_manifest.json")]} == committed
+    assert not (out / "reindex" / "_pending.json").exists() and not (out / "tombstones" / "_manifest.json").exists()
+    assert json.loads((out / LOCK).read_text())["owner"] == "another run"  # left to its owner
+
+
 def test_lock_publish_and_history_on_s3(s3_server):
     """On object storage the lock is a conditional create (If-None-Match: *)."""
     import s3fs
 
-    from pipelines.artifacts.versions import write_latest
-    from pipelines.reindex.lock import LockHeld, ReindexLock
-    from pipelines.reindex.publish import append_history, publish
+    from pipelines.artifacts.lock import LockHeld, OutLock
+    from pipelines.artifacts.publish import publish
+    from pipelines.reindex.publish import append_history
 
     s3fs.S3FileSystem().mkdir("reindex-lock")
     out = open_location("s3://reindex-lock/build")
-    write_latest(out, {"index": "v0001", "neighbors": "v0001", "k": 2})
-    a, b = ReindexLock(out, ttl_s=60), ReindexLock(out, ttl_s=60)
+    a, b = OutLock(out, ttl_s=60), OutLock(out, ttl_s=60)
     a.acquire()
     with pytest.raises(LockHeld):
         b.acquire()
     im = {"index_key": "Flat", "metric": "l2", "totals": {"chunks": 4}}
+    publish(out, a, index_version="v0001", neighbors_version="v0001", index_manifest=im, k=2)  # a build's first
     publish(out, a, base={"index": "v0001", "neighbors": "v0001"}, index_version="v0002", neighbors_version="v0002",
             index_manifest=im, k=2, extra={})
     append_history(out, {"action": "incremental"})
@@ -384,21 +409,20 @@ def test_lock_publish_and_history_on_s3(s3_server):
 
 
 def test_publish_refuses_a_moved_latest_and_going_backwards(tmp_path):
-    from pipelines.artifacts.versions import write_latest
-    from pipelines.reindex.lock import ReindexLock
-    from pipelines.reindex.publish import StaleBase, publish
+    from pipelines.artifacts.lock import OutLock
+    from pipelines.artifacts.publish import StaleBase, publish
 
     out = open_location(str(tmp_path))
     im = {"index_key": "Flat", "metric": "l2", "totals": {"chunks": 10}}
-    write_latest(out, {"index": "v0003", "neighbors": "v0003", "k": 2})
-    lock = ReindexLock(out)
+    lock = OutLock(out)
     lock.acquire()
     try:
+        publish(out, lock, index_version="v0003", neighbors_version="v0003", index_manifest=im, k=2)
         with pytest.raises(StaleBase, match="started from v0002"):
             publish(out, lock, base={"index": "v0002", "neighbors": "v0002"}, index_version="v0004",
                     neighbors_version="v0004", index_manifest=im, k=2, extra={})
         with pytest.raises(StaleBase, match="never moves backwards"):
-            publish(out, lock, base={"index": "v0003", "neighbors": "v0003"}, index_version="v0003",
+            publish(out, lock, base={"index": "v0003", "neighbors": "v0003"}, index_version="v0002",
                     neighbors_version="v0004", index_manifest=im, k=2, extra={})
         rec = publish(out, lock, base={"index": "v0003", "neighbors": "v0003"}, index_version="v0004",
                       neighbors_version="v0004", index_manifest=im, k=2, extra={"live_chunks": 9})
@@ -434,11 +458,11 @@ def _manifest_with(out, folder: str, parts: list[dict], **totals) -> None:
 
 
 def _update(out, **kw):
-    from pipelines.reindex.lock import ReindexLock
+    from pipelines.artifacts.lock import OutLock
     from pipelines.reindex.run import ReindexSummary, index_and_publish
     from pipelines.reindex.state import base_state
 
-    lock = ReindexLock(out)
+    lock = OutLock(out)
     lock.acquire()
     try:
         s = ReindexSummary(out.url, "now")

@@ -13,8 +13,8 @@ import pytest
 
 from pipelines.artifacts.manifest import part_name, write_manifest
 from pipelines.artifacts.parquet import write_table
-from pipelines.artifacts.storage import open_location
-from pipelines.artifacts.versions import write_latest
+from pipelines.artifacts.storage import open_location, write_bytes_atomic
+from pipelines.artifacts.versions import LATEST
 from pipelines.train.config import CommonTrainConfig, parse_overrides
 from pipelines.train.data_order import in_eval_split
 from pipelines.train.loop import lr_factor
@@ -91,7 +91,7 @@ def write_build(root: str, seed: int = 0):
         write_manifest(out, folder, stage="tokenize", parts=entries, totals={"chunks": n}, config={},
                        extra={"chunk_size": C, "seq_len": BUILD_SEQ, "tokenizer": tok_desc})
     write_manifest(out, "neighbors/v0001", stage="neighbors", parts=nb_entries, totals={"rows": n, "k": K}, config={})
-    write_latest(out, {"index": "v0001", "neighbors": "v0001", "k": K})
+    write_bytes_atomic(out, LATEST, json.dumps({"index": "v0001", "neighbors": "v0001", "k": K}).encode())
     return out, np.concatenate(all_tokens), doc, np.concatenate(all_nb), [len(s) for s in doc_sizes]
 
 
