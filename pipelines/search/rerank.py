@@ -17,7 +17,7 @@ import numpy as np
 from pipelines.artifacts.embeddings import EmbeddingsInfo, gather_rows
 from pipelines.artifacts.storage import Location
 
-RESCORE_ROWS = 1024  # queries per exact-distance block: bounds the (rows, candidates, dim) gather
+RESCORE_BYTES = 64 << 20  # gathered candidate vectors per block: memory is bounded by this, not by the batch
 
 
 def is_lossy(index) -> bool:
@@ -47,26 +47,24 @@ class ExactVectors:
         return gather_rows(self.out, self.info, uniq)[inverse]
 
     def rescore(self, x: np.ndarray, cand_ids: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
-        """Candidates re-sorted by exact distance: (distances, ids) like ``index.search``; -1 pads last."""
+        """Candidates re-sorted by exact distance: (distances, ids) like ``index.search``; -1 pads last.
+        Rows go in blocks whose gathered vectors stay under ``RESCORE_BYTES``, whatever the candidate count."""
         n, c = cand_ids.shape
         dist = np.full((n, c), np.inf if metric == "l2" else -np.inf, np.float32)
-        valid = cand_ids >= 0
-        if valid.any():
-            vecs = self.take(cand_ids[valid])
-            pos = np.cumsum(valid.ravel()) - 1  # row of each valid candidate in vecs
-            for start in range(0, n, RESCORE_ROWS):
-                rows = slice(start, min(n, start + RESCORE_ROWS))
-                ok = valid[rows]
-                if not ok.any():
-                    continue
-                block = np.zeros((ok.shape[0], c, x.shape[1]), np.float32)
-                block[ok] = vecs[pos[start * c:(start + ok.shape[0]) * c][ok.ravel()]]
-                dot = np.einsum("nd,ncd->nc", x[rows], block)
-                if metric == "l2":
-                    d = (x[rows] ** 2).sum(1)[:, None] + (block ** 2).sum(2) - 2 * dot
-                    dist[rows] = np.where(ok, np.maximum(d, 0), np.inf)
-                else:
-                    dist[rows] = np.where(ok, dot, -np.inf)
+        rows_per_block = max(1, RESCORE_BYTES // max(1, c * x.shape[1] * 4))
+        for start in range(0, n, rows_per_block):
+            rows = slice(start, min(n, start + rows_per_block))
+            ok = cand_ids[rows] >= 0
+            if not ok.any():
+                continue
+            block = np.zeros((ok.shape[0], c, x.shape[1]), np.float32)
+            block[ok] = self.take(cand_ids[rows][ok])
+            dot = np.einsum("nd,ncd->nc", x[rows], block)
+            if metric == "l2":
+                d = (x[rows] ** 2).sum(1)[:, None] + (block ** 2).sum(2) - 2 * dot
+                dist[rows] = np.where(ok, np.maximum(d, 0), np.inf)
+            else:
+                dist[rows] = np.where(ok, dot, -np.inf)
         score = dist if metric == "l2" else -dist
         order = np.argsort(score, axis=1, kind="stable")
         return np.take_along_axis(dist, order, 1), np.take_along_axis(cand_ids, order, 1)

@@ -36,7 +36,7 @@ EXACT_BLOCK_ROWS = 8192
 # The tuner sees half the sample; the recall of what the neighbors stage stored is measured on the
 # other half, so the reported figure is not inflated by having picked the parameters on it.
 TUNING_ROWS, HELD_OUT_ROWS = slice(0, None, 2), slice(1, None, 2)
-RERANK_FACTORS = (1, 2, 4, 8, 16, 32)  # x (k + extra + 1) candidates re-ranked exactly
+RERANK_FACTORS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # x (k + extra + 1) candidates re-ranked exactly
 RERANK_MIN_GAIN = 0.002  # recall gained by doubling the candidates below which more do not help
 
 
