@@ -215,8 +215,11 @@ def run_index(*, out: Location, index_key: str = "", max_index_memory: str = "4G
 
     if mode == "single":
         cpu = time.process_time()
+        planned = key
         index, key, param, chosen, tried, build_seconds, tune_seconds, sample = build_and_tune_single(
             out, info, bounds, settings, key, not index_key, fp, concurrency)
+        if key != planned:
+            key_reason = f"exact search measured cheaper than {planned} for the target recall at this size"
         build_cpu = time.process_time() - cpu  # the driver's, tuning included
         layout, files, ntotal = "single", ["knn.index"], int(index.ntotal)
         write_index_file(out, f"{folder}/knn.index", index)
