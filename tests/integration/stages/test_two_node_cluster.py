@@ -142,7 +142,7 @@ def cluster():
         procs.append(subprocess.Popen(worker_cmd, env=_env(), start_new_session=True,
                                       stdout=open(logs / "worker.log", "wb"), stderr=subprocess.STDOUT))
         nodes = _wait_for(lambda: (n := [x for x in _state(dashboard, "nodes") if x["state"] == "ALIVE"]) and
-                          len(n) == 2 and n, 120, "the worker node")
+                          len(n) == 2 and n, 300, "the worker node")
         yield {"dashboard": dashboard, "nodes": {n["node_id"]: n["node_ip"] for n in nodes}, "tmp": tmp}
     finally:
         for p in reversed(procs):
