@@ -100,10 +100,10 @@ def _neighbors_of_some_parts(out, info, s, rows: int, shard_memory: str):
     ``rows`` chunks, and the recall@2 of what it stored on 500 of those chunks against exact search."""
     import numpy as np
 
-    from pipelines.artifacts.embeddings import DocBounds, gather_rows, uniform_sample
+    from pipelines.artifacts.embeddings import DocBounds, uniform_sample
     from pipelines.artifacts.parquet import read_table
-    from pipelines.search.knn import TIE_CANDIDATES, empty_topk, merge_topk, recall_at_k
-    from pipelines.search.tuning import exact_part
+    from pipelines.search.knn import TIE_CANDIDATES, recall_at_k
+    from pipelines.search.tuning import exact_sample
     from pipelines.stages.neighbors_routed import run_routed
 
     count = max(1, math.ceil(rows / info.parts[0].rows))
@@ -118,19 +118,14 @@ def _neighbors_of_some_parts(out, info, s, rows: int, shard_memory: str):
     offsets = np.cumsum([0] + [p.rows for p in subset])
     part_of = np.searchsorted(offsets, picks, side="right") - 1
     ids = np.sort(np.asarray([subset[j].offset + picks[i] - offsets[j] for i, j in enumerate(part_of)], np.int64))
-    queries = gather_rows(out, info, ids)
-    lo, hi = DocBounds.load(out, info.n).range_of(ids)
-    m = 2 + TIE_CANDIDATES
-    gt = empty_topk(len(ids), m)
-    for part in info.parts:
-        gt = merge_topk(gt, exact_part(out, part, queries, ids, lo, hi, m, "l2")[1], m)
+    truth = exact_sample(out, info, DocBounds.load(out, info.n), ids, 2 + TIE_CANDIDATES, "l2", use_ray=False)
     found = np.empty((len(ids), 2), np.int64)
     for e in run.entries:
         sel = (ids >= e["first_chunk_id"]) & (ids < e["first_chunk_id"] + e["rows"])
         if sel.any():
             nb = read_table(out, f"{folder}/{e['path']}", columns=["neighbors"]).column(0).combine_chunks()
             found[sel] = nb.flatten().to_numpy().reshape(-1, 2)[ids[sel] - e["first_chunk_id"]]
-    recall = recall_at_k(found, gt[0], gt[1], 2)
+    recall = recall_at_k(found, *truth.filtered, 2)
     pads = sum(e["pad_rows"] for e in run.entries)
     print(f"neighbors: {measured} of {info.n} chunks searched (routed, {run.shards} shards); recall@2 {recall:.4f} "
           f"on 500 of them vs exact search", flush=True)

@@ -66,20 +66,15 @@ def prepare_corpus(dst: str, kernel_mb: float) -> dict:
 
 def exact_recall(out, version: str, sample_ids) -> float:
     """recall@2 of neighbors version ``version`` on ``sample_ids`` against brute force over all chunks."""
-    from pipelines.artifacts.embeddings import DocBounds, gather_rows, load_embeddings_info
+    from pipelines.artifacts.embeddings import DocBounds, load_embeddings_info
     from pipelines.artifacts.versions import NeighborsReader
-    from pipelines.search.knn import TIE_CANDIDATES, empty_topk, merge_topk, recall_at_k
-    from pipelines.search.tuning import exact_part
+    from pipelines.search.knn import TIE_CANDIDATES, recall_at_k
+    from pipelines.search.tuning import exact_sample
 
     info = load_embeddings_info(out)
-    queries = gather_rows(out, info, sample_ids)
-    lo, hi = DocBounds.load(out, info.n).range_of(sample_ids)
-    m = 2 + TIE_CANDIDATES
-    gt = empty_topk(len(sample_ids), m)
-    for part in info.parts:
-        gt = merge_topk(gt, exact_part(out, part, queries, sample_ids, lo, hi, m, "l2")[1], m)
+    truth = exact_sample(out, info, DocBounds.load(out, info.n), sample_ids, 2 + TIE_CANDIDATES, "l2", use_ray=False)
     found, _ = NeighborsReader(out, version).lookup(sample_ids)
-    return recall_at_k(found, gt[0], gt[1], 2)
+    return recall_at_k(found, *truth.filtered, 2)
 
 
 def run_config(out, name: str, index_key: str, search: str, sample_ids) -> dict:

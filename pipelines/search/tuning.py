@@ -85,19 +85,26 @@ def compute_recall_sample(out: Location, info: EmbeddingsInfo, bounds: DocBounds
                   *, use_ray: bool, concurrency: int) -> RecallSample:
     """Sample chunk ids uniformly and compute their exact neighbors over every part."""
     ids = uniform_sample(info.n, settings.recall_sample, f"recall:{seed}")
+    return exact_sample(out, info, bounds, ids, settings.k + TIE_CANDIDATES, settings.metric, use_ray=use_ray,
+                        concurrency=concurrency)
+
+
+def exact_sample(out: Location, info: EmbeddingsInfo, bounds: DocBounds, ids: np.ndarray, m: int, metric: str,
+                 *, use_ray: bool, concurrency: int = 1) -> RecallSample:
+    """The exact top-m neighbors of sorted chunk ``ids`` over every part (raw and with the neighbor rule):
+    the ground truth the tuner and the benchmarks measure recall against."""
     queries = gather_rows(out, info, ids)
     lo, hi = bounds.range_of(ids)
-    m = settings.k + TIE_CANDIDATES
     raw, filt = empty_topk(len(ids), m), empty_topk(len(ids), m)
     if not use_ray:
         for part in info.parts:
-            r, f = exact_part(out, part, queries, ids, lo, hi, m, settings.metric)
+            r, f = exact_part(out, part, queries, ids, lo, hi, m, metric)
             raw, filt = merge_topk(raw, r, m), merge_topk(filt, f, m)
         return RecallSample(ids, queries, lo, hi, raw, filt)
     refs = [ray.put(a) for a in (queries, ids, lo, hi)]
     parts = [p.to_dict() for p in info.parts]
     for _, (r, f) in bounded_as_completed(
-        lambda part: exact_part_task.remote(out.url, part, *refs, m, settings.metric), parts, 2 * concurrency
+        lambda part: exact_part_task.remote(out.url, part, *refs, m, metric), parts, 2 * concurrency
     ):
         raw, filt = merge_topk(raw, r, m), merge_topk(filt, f, m)
     return RecallSample(ids, queries, lo, hi, raw, filt)
