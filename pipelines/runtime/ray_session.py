@@ -88,6 +88,18 @@ def task_cause(e: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) else e
 
 
+def one_per_node(count: int) -> list:
+    """Scheduling strategies for the first ``count`` tasks of a stage: one soft pin to each live node with a
+    CPU, then None (the task's own strategy). A driver reuses a worker it already holds for the next task of
+    the same kind, so a stage of short tasks could finish on one node before another node's worker has even
+    started; pinning the first wave gives every node work. Soft: a node that dies hands its task on."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) >= 1]
+    pins = [NodeAffinitySchedulingStrategy(node_id, soft=True) for node_id in nodes[:count]]
+    return pins + [None] * (count - len(pins))
+
+
 def max_node_cpus() -> int:
     """CPUs of the largest live node: the most threads one task or actor can be given."""
     return max([int(n["Resources"].get("CPU", 1)) for n in ray.nodes() if n.get("Alive")] or [1])

@@ -39,7 +39,7 @@ from pipelines.artifacts.storage import (
     write_bytes_atomic,
 )
 from pipelines.artifacts.versions import LATEST
-from pipelines.runtime.ray_session import run_bounded
+from pipelines.runtime.ray_session import one_per_node, run_bounded
 from pipelines.runtime.redact import redact
 from pipelines.stages.build_config import BuildConfig
 from pipelines.text.chunking import doc_to_chunks, seq_starts
@@ -325,8 +325,14 @@ def run_tokenize(*, corpus: list[str], out: Location, chunk_size: int, seq_len: 
         for folder in reversed(OUTPUT_FOLDERS):  # an old manifest must not vouch for parts being replaced
             remove(out, f"{folder}/_manifest.json")
 
-    counted = run_bounded(lambda u: tokenize_task.remote(out.url, plan, settings, json.dumps(u.to_dict())), units,
-                          concurrency, "tokenize: pass 1")
+    pins = one_per_node(len(units))
+
+    def submit(indexed: tuple[int, WorkUnit]) -> ray.ObjectRef:
+        index, unit = indexed
+        task = tokenize_task.options(scheduling_strategy=pins[index]) if pins[index] else tokenize_task
+        return task.remote(out.url, plan, settings, json.dumps(unit.to_dict()))
+
+    counted = run_bounded(submit, list(enumerate(units)), concurrency, "tokenize: pass 1")
     tokenize_seconds = time.perf_counter() - start
 
     docs = np.array([r["docs"] for r in counted], dtype=np.int64)
@@ -336,7 +342,8 @@ def run_tokenize(*, corpus: list[str], out: Location, chunk_size: int, seq_len: 
     record_offsets = _record_offsets(units, [r["item_records"] for r in counted])
     tasks = [json.dumps({"unit": u.to_dict(), "doc_offset": int(d), "chunk_offset": int(c), "record_offsets": ro})
              for u, d, c, ro in zip(units, doc_offsets, chunk_offsets, record_offsets)]
-    entries = ray.get([finalize_task.remote(out.url, plan, settings, t) for t in tasks])
+    entries = ray.get([(finalize_task.options(scheduling_strategy=pin) if pin else finalize_task).remote(
+        out.url, plan, settings, t) for t, pin in zip(tasks, one_per_node(len(tasks)))])
     print(f"tokenize: pass 1 (tokenize) {tokenize_seconds:.1f} s, pass 2 (write parts) "
           f"{time.perf_counter() - start - tokenize_seconds:.1f} s", flush=True)
 
