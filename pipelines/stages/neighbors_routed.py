@@ -52,6 +52,9 @@ from pipelines.stages.neighbors_parts import commit_part, committed_part
 
 SCAN_BLOCK_ROWS = 4096  # queries scanned at once in a shard
 ROUTE_BLOCK_ROWS = 4096  # the probe matrices are rows x (4 x nprobe): keep them small
+# A route task writes what it has routed once this much is buffered: a query goes to every shard its probes
+# touch, so holding a whole part would cost (part rows x shards visited) vectors.
+ROUTE_BUFFER_BYTES = 64 << 20
 WORK = "_routed"
 
 
@@ -82,11 +85,11 @@ class RoutedJob:
     def quantizer_rel(self) -> str:
         return f"{self.work}/quantizer.index"
 
-    def db_rel(self, shard: int, part: int) -> str:
-        return f"{self.work}/s{shard:05d}/db-{part:05d}.npz"
+    def db_rel(self, shard: int, part: int, piece: int) -> str:
+        return f"{self.work}/s{shard:05d}/db-{part:05d}-{piece:04d}.npz"
 
-    def queries_rel(self, shard: int, part: int) -> str:
-        return f"{self.work}/s{shard:05d}/q-{part:05d}.npz"
+    def queries_rel(self, shard: int, part: int, piece: int) -> str:
+        return f"{self.work}/s{shard:05d}/q-{part:05d}-{piece:04d}.npz"
 
     def result_rel(self, part: int, shard: int) -> str:
         return f"{self.work}/r{part:05d}/s{shard:05d}.npz"
@@ -198,8 +201,7 @@ def route_part_task(job: RoutedJob, part: dict, list_shard: np.ndarray, list_siz
     quantizer = _open_quantizer(out, job)
     bounds = DocBounds.load(out, job.chunks)
     width = min(len(list_sizes), job.nprobe * MAX_PROBE_FACTOR)
-    db: dict[int, list] = {s: [] for s in range(job.shards)}
-    qs: dict[int, list] = {s: [] for s in range(job.shards)}
+    buffers = _RouteBuffers(out, job, p.index)
     npy = NpyPart(out, part_rel(p))
     for start, block in npy.blocks(ROUTE_BLOCK_ROWS):
         ids = np.arange(p.offset + start, p.offset + start + len(block), dtype=np.int64)
@@ -210,24 +212,73 @@ def route_part_task(job: RoutedJob, part: dict, list_shard: np.ndarray, list_siz
         pairs = pairs_by_shard(probes, list_shard, job.shards) if with_queries else []
         for s in range(job.shards):
             mine = home == s
-            db[s].append((ids[mine], probes[mine, 0], half[mine]))
+            buffers.add_vectors(s, ids[mine], probes[mine, 0], half[mine])
             if with_queries:
                 rows, lists = pairs[s]
                 asks = np.unique(rows)
-                local = np.searchsorted(asks, rows).astype(np.int32)
-                qs[s].append((ids[asks], half[asks], local, lists))
-    for s in range(job.shards):
-        _save(out, job.db_rel(s, p.index), ids=_cat([a[0] for a in db[s]], np.int64),
-              lists=_cat([a[1] for a in db[s]], np.int64), vecs=_cat([a[2] for a in db[s]], np.float16, npy.dim))
-        offsets = np.cumsum([0] + [len(a[0]) for a in qs[s]])
-        _save(out, job.queries_rel(s, p.index), ids=_cat([a[0] for a in qs[s]], np.int64),
-              vecs=_cat([a[1] for a in qs[s]], np.float16, npy.dim),
-              pair_rows=_cat([a[2] + o for a, o in zip(qs[s], offsets)], np.int32),
-              pair_lists=_cat([a[3] for a in qs[s]], np.int32))
-    copies = sum(len(a[0]) for s in range(job.shards) for a in qs[s])
-    return _mark_done(out, job, "route", p.index, {"query_copies": copies, "rows": p.rows,
+                buffers.add_queries(s, ids[asks], half[asks], np.searchsorted(asks, rows).astype(np.int32), lists)
+        if buffers.held >= ROUTE_BUFFER_BYTES:
+            buffers.flush()
+    buffers.flush()
+    return _mark_done(out, job, "route", p.index, {"query_copies": buffers.query_copies, "rows": p.rows,
+                                                   "db_pieces": buffers.db_pieces, "query_pieces": buffers.query_pieces,
                                                    "cpu_seconds": round(time.process_time() - cpu, 3),
                                                    "peak_rss_mb": peak_rss_mb()})
+
+
+class _RouteBuffers:
+    """One route task's routed vectors and queries per shard, written as numbered pieces whenever
+    ``ROUTE_BUFFER_BYTES`` are held, so the task's memory does not grow with its part."""
+
+    def __init__(self, out: Location, job: RoutedJob, part: int):
+        self.out, self.job, self.part = out, job, part
+        self.db: dict[int, list] = {s: [] for s in range(job.shards)}
+        self.queries: dict[int, list] = {s: [] for s in range(job.shards)}
+        self.db_pieces = [0] * job.shards
+        self.query_pieces = [0] * job.shards
+        self.query_copies = 0
+        self.held = 0  # bytes buffered
+
+    def add_vectors(self, shard: int, ids: np.ndarray, lists: np.ndarray, vecs: np.ndarray) -> None:
+        """Vectors whose home list is in ``shard`` (``lists``: that list for each)."""
+        self.db[shard].append((ids, lists, vecs))
+        self.held += ids.nbytes + lists.nbytes + vecs.nbytes
+
+    def add_queries(self, shard: int, ids: np.ndarray, vecs: np.ndarray, pair_rows: np.ndarray,
+                    pair_lists: np.ndarray) -> None:
+        """Queries probing ``shard``, and their (row into ``ids``, list) pairs there."""
+        self.queries[shard].append((ids, vecs, pair_rows, pair_lists))
+        self.held += ids.nbytes + vecs.nbytes + pair_rows.nbytes + pair_lists.nbytes
+        self.query_copies += len(ids)
+
+    def flush(self) -> None:
+        for s in range(self.job.shards):
+            if db := self.db[s]:
+                _save(self.out, self.job.db_rel(s, self.part, self.db_pieces[s]),
+                      ids=_cat([a[0] for a in db], np.int64), lists=_cat([a[1] for a in db], np.int64),
+                      vecs=_cat([a[2] for a in db], np.float16, db[0][2].shape[1]))
+                self.db_pieces[s] += 1
+            if qs := self.queries[s]:
+                offsets = np.cumsum([0] + [len(a[0]) for a in qs])
+                _save(self.out, self.job.queries_rel(s, self.part, self.query_pieces[s]),
+                      ids=_cat([a[0] for a in qs], np.int64), vecs=_cat([a[1] for a in qs], np.float16, qs[0][1].shape[1]),
+                      pair_rows=_cat([a[2] + o for a, o in zip(qs, offsets)], np.int32),
+                      pair_lists=_cat([a[3] for a in qs], np.int32))
+                self.query_pieces[s] += 1
+            self.db[s], self.queries[s] = [], []
+        self.held = 0
+
+
+def _load_queries(out: Location, job: RoutedJob, shard: int, part: int, pieces: int) -> dict:
+    """One part's queries for ``shard``, its pieces joined (row numbers of the pairs shifted to match)."""
+    loaded = [_load(out, job.queries_rel(shard, part, i)) for i in range(pieces)]
+    if not loaded:
+        return {"ids": np.zeros(0, np.int64), "vecs": np.zeros((0, 0), np.float16),
+                "pair_rows": np.zeros(0, np.int32), "pair_lists": np.zeros(0, np.int32)}
+    offsets = np.cumsum([0] + [len(q["ids"]) for q in loaded])
+    return {"ids": np.concatenate([q["ids"] for q in loaded]), "vecs": np.concatenate([q["vecs"] for q in loaded]),
+            "pair_rows": np.concatenate([q["pair_rows"] + o for q, o in zip(loaded, offsets)]).astype(np.int32),
+            "pair_lists": np.concatenate([q["pair_lists"] for q in loaded])}
 
 
 def _scan_in_blocks(vectors: ShardVectors, q: dict, bounds: DocBounds, job: RoutedJob) -> tuple[np.ndarray, np.ndarray]:
@@ -247,25 +298,27 @@ def _scan_in_blocks(vectors: ShardVectors, q: dict, bounds: DocBounds, job: Rout
 
 
 @ray.remote(num_cpus=1)
-def scan_shard_task(job: RoutedJob, shard: int, parts: list[int], query_parts: list[int]) -> dict:
-    """Step 2 for one shard: its vectors in memory, every part's queries for it scanned exactly."""
+def scan_shard_task(job: RoutedJob, shard: int, db_pieces: dict[int, int], query_pieces: dict[int, int]) -> dict:
+    """Step 2 for one shard: its vectors in memory, every part's queries for it scanned exactly.
+    ``db_pieces`` and ``query_pieces`` map each part to the number of pieces its route task wrote here."""
     out = open_location(job.out_url)
     if (done := _done(out, job, "scan", shard)) is not None:
         return done
     reset_peak_rss()
     cpu = time.process_time()
     pieces = []
-    for p in parts:
-        piece = _load(out, job.db_rel(shard, p))
-        pieces.append((piece["ids"], piece["lists"], piece["vecs"]))
+    for p, count in db_pieces.items():
+        for i in range(count):
+            piece = _load(out, job.db_rel(shard, p, i))
+            pieces.append((piece["ids"], piece["lists"], piece["vecs"]))
     vectors = ShardVectors.from_pieces(pieces)
     del pieces
     bounds = DocBounds.load(out, job.chunks)
     scanned = pairs = 0
     sizes = np.zeros(int(vectors.lists.max()) + 1 if len(vectors.lists) else 0, np.int64)
     sizes[vectors.lists] = vectors.ends - vectors.starts
-    for p in query_parts:
-        q = _load(out, job.queries_rel(shard, p))
+    for p, count in query_pieces.items():
+        q = _load_queries(out, job, shard, p, count)
         ids, scores = _scan_in_blocks(vectors, q, bounds, job)
         _save(out, job.result_rel(p, shard), query_ids=q["ids"], ids=ids, scores=scores)
         scanned += len(q["ids"])
@@ -355,8 +408,9 @@ def run_routed(out: Location, info: EmbeddingsInfo, *, folder: str, index_versio
     asked = {p.index for p in queried}
     routes = step("route", lambda p: route_part_task.remote(job, p.to_dict(), list_shard, sizes_ref, p.index in asked),
                   parts)
-    scans = step("scan", lambda s: scan_shard_task.remote(job, s, [p.index for p in parts], sorted(asked)),
-                 list(range(plan.shards)))
+    scans = step("scan", lambda s: scan_shard_task.remote(
+        job, s, {p.index: r["db_pieces"][s] for p, r in zip(parts, routes)},
+        {p.index: r["query_pieces"][s] for p, r in zip(parts, routes) if p.index in asked}), list(range(plan.shards)))
     entries = step("merge", lambda p: merge_part_task.remote(job, p.to_dict()), queried)
     for e in entries:
         e.pop("cpu_seconds", None)
