@@ -58,6 +58,7 @@ from pipelines.search.faiss_index import (
 )
 from pipelines.search.knn import use_blas_for_batches
 from pipelines.search.rerank import ExactVectors
+from pipelines.search.routing_quantizer import ROUTING_FILES, has_routing_files, write_routing_files
 from pipelines.search.tuning import compute_recall_sample, evaluate, tune
 
 APPROX_WORTH_S = 20.0  # exact neighbors for every chunk cheaper than this (CPU-seconds): no approximate index
@@ -223,6 +224,7 @@ def run_index(*, out: Location, index_key: str = "", max_index_memory: str = "4G
         build_cpu = time.process_time() - cpu  # the driver's, tuning included
         layout, files, ntotal = "single", ["knn.index"], int(index.ntotal)
         write_index_file(out, f"{folder}/knn.index", index)
+        write_routing_files(out, folder, index, info.dim)
         del index
         peaks = {"driver": peak_rss_mb()}
     else:
@@ -255,7 +257,8 @@ def run_index(*, out: Location, index_key: str = "", max_index_memory: str = "4G
         "faiss_version": faiss_version(), "autofaiss_version": autofaiss_version(),
     }
     write_bytes_atomic(out, f"{folder}/index_infos.json", json.dumps(infos, indent=2, sort_keys=True).encode())
-    entries += [file_entry(out, f"{folder}/{f}", f) for f in ("index_infos.json", "recall_sample.npz")]
+    routing = list(ROUTING_FILES) if has_routing_files(out, folder) else []  # IVF indexes only
+    entries += [file_entry(out, f"{folder}/{f}", f) for f in ("index_infos.json", "recall_sample.npz", *routing)]
     remove_tree(out, f"{folder}/_build")
     write_manifest(out, folder, stage="index", parts=entries,
                    totals={"chunks": info.n, "ntotal": ntotal, "dim": info.dim, "size_bytes": size},

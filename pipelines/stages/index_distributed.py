@@ -32,6 +32,7 @@ from pipelines.runtime.ray_session import bounded_as_completed, max_node_cpus
 from pipelines.search.faiss_index import faiss_metric, train_index, train_size, write_index_file
 from pipelines.search.knn import ivf_of, use_blas_for_batches
 from pipelines.search.rerank import ExactVectors
+from pipelines.search.routing_quantizer import write_routing_files
 from pipelines.search.tuning import tune
 
 ADD_BLOCK_ROWS = 65536
@@ -124,6 +125,7 @@ def merge_task(out_url: str, folder: str, trained_rel: str, shard_rels: list[str
         ntotal = int(trained.ntotal)
         local_index = os.path.join(work, "knn.index")
         faiss.write_index(trained, local_index)
+        write_routing_files(out, folder, trained, trained.d)
         del trained
         if not out.is_local:
             put_file(out, f"{folder}/knn.ivfdata", ivfdata, move=True)

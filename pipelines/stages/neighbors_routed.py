@@ -37,7 +37,7 @@ from pipelines.artifacts.versions import open_index
 from pipelines.runtime.procstats import peak_rss_mb, reset_peak_rss
 from pipelines.runtime.ray_session import bounded_as_completed
 from pipelines.search.faiss_index import memory_bytes, write_index_file
-from pipelines.search.knn import empty_topk, ivf_of, merge_topk
+from pipelines.search.knn import empty_topk, merge_topk
 from pipelines.search.routing import (
     MAX_PROBE_FACTOR,
     ShardVectors,
@@ -48,6 +48,7 @@ from pipelines.search.routing import (
     scores_to_distances,
     shard_bytes_per_vector,
 )
+from pipelines.search.routing_quantizer import QUANTIZER_FILE, has_routing_files, read_list_sizes, routing_quantizer
 from pipelines.stages.neighbors_parts import commit_part, committed_part
 
 SCAN_BLOCK_ROWS = 4096  # queries scanned at once in a shard
@@ -134,24 +135,23 @@ def _search_params(index_param: str) -> tuple[int, int]:
 
 def stage_quantizer(out: Location, index_version: str, rel: str, dim: int) -> tuple[np.ndarray | None, np.ndarray | None]:
     """The coarse quantizer behind the index's pre-transform, as one small index file at ``rel``,
-    plus the list sizes and centroids the shard plan needs. Returns (None, None) when not an IVF."""
+    plus the list sizes and centroids the shard plan needs. Returns (None, None) when not an IVF.
+    Reads the routing files the index stage wrote beside the index (small); only a build older than
+    them opens the index itself."""
     import faiss
 
-    index = open_index(out, index_version, mmap=True)
-    ivf = ivf_of(index)
-    if ivf is None:
+    folder = f"index/{index_version}"
+    if has_routing_files(out, folder):
+        data = read_bytes(out, f"{folder}/{QUANTIZER_FILE}")
+        write_bytes_atomic(out, rel, data)
+        quantizer = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        inner = faiss.downcast_index(quantizer.index if isinstance(quantizer, faiss.IndexPreTransform) else quantizer)
+        return read_list_sizes(out, folder), inner.reconstruct_n(0, inner.ntotal)
+    routing = routing_quantizer(open_index(out, index_version, mmap=True), dim)
+    if routing is None:
         return None, None
-    quantizer = faiss.clone_index(ivf.quantizer)
-    routed = quantizer
-    top = faiss.downcast_index(index)
-    if isinstance(top, faiss.IndexPreTransform):
-        routed = faiss.IndexPreTransform(quantizer)
-        for i in reversed(range(top.chain.size())):
-            routed.prepend_transform(faiss.clone_VectorTransform(top.chain.at(i)))
-        routed.d = dim
-    write_index_file(out, rel, routed)
-    sizes = np.fromiter((ivf.invlists.list_size(i) for i in range(ivf.nlist)), np.int64, ivf.nlist)
-    return sizes, quantizer.reconstruct_n(0, ivf.nlist)
+    write_index_file(out, rel, routing.quantizer)
+    return routing.list_sizes, routing.centroids
 
 
 def _open_quantizer(out: Location, job: RoutedJob):

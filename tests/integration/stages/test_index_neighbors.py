@@ -304,6 +304,9 @@ def test_index_and_neighbors_through_s3(tmp_path, s3_server):
     # distributed IVF: shards staged on S3, merged on a worker, lists uploaded, actors fetch and map them
     s2, n2 = build_and_publish(remote, index_key="IVF8,Flat", distributed=True)
     assert s2.layout == "ondisk" and fs.exists(f"index-bucket/build/index/{s2.version}/knn.ivfdata")
+    # the merge wrote the routed search's quantizer and list sizes beside the index, with the merged sizes
+    sizes = np.load(fs.open(f"index-bucket/build/index/{s2.version}/list_sizes.npy"))
+    assert len(sizes) == 8 and sizes.sum() == 1200
     assert not fs.exists(f"index-bucket/build/index/{s2.version}/_build")
     assert resolve_latest("s3://index-bucket/build")["index"] == s2.version
     index = open_index("s3://index-bucket/build", cache_dir=str(tmp_path / "cache"))

@@ -79,3 +79,25 @@ def test_routed_search_over_a_lossy_index_ranks_exactly(pq_build, tmp_path):
     measured, found, dist = recall_vs_brute_force(b, x, sample)
     assert measured >= 0.95, measured
     np.testing.assert_allclose(dist[:, 0], ((x[sample] - x[found[:, 0]]) ** 2).sum(1), rtol=1e-3)
+
+
+def test_routed_search_reads_the_small_routing_files_not_the_index(pq_build, tmp_path, monkeypatch):
+    """At 10^9 chunks the index is tens of GB: the driver of the routed search reads only the quantizer
+    and the list sizes the index stage wrote beside it, and gets what the index itself would give."""
+    import pipelines.stages.neighbors_routed as routed
+    from pipelines.artifacts.versions import open_index
+    from pipelines.search.routing_quantizer import ROUTING_FILES, routing_quantizer
+
+    b, _, s, _ = pq_build
+    m = read_manifest(b.out, f"index/{s.version}")
+    assert set(ROUTING_FILES) <= {e["path"] for e in m["parts"]}  # vouched for by the manifest
+    want = routing_quantizer(open_index(b.out, s.version), 32)
+
+    def no_index(*args, **kwargs):
+        raise AssertionError("the routed search opened the whole index")
+
+    monkeypatch.setattr(routed, "open_index", no_index)
+    sizes, centroids = routed.stage_quantizer(b.out, s.version, "neighbors/_q/quantizer.index", 32)
+    np.testing.assert_array_equal(sizes, want.list_sizes)
+    np.testing.assert_array_equal(centroids, want.centroids)
+    assert sizes.sum() == 5000
