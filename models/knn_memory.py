@@ -13,8 +13,9 @@ device (separate, so that searches scan contiguous keys and return contiguous te
 (O(n)); eviction is implicit (the slot is overwritten).
 
 Search has two paths, chosen per row by size and device:
-  * exact: a batched matmul of queries against the filled slots plus ``topk`` (always on GPU; on CPU
-    while a row holds fewer than ``faiss_min_entries`` entries);
+  * exact: on GPU (always) the fused matmul + top-k of :func:`models.topk_matmul.matmul_topk`, which
+    keeps each query's top-k on chip when Triton is installed; on CPU (while a row holds fewer than
+    ``faiss_min_entries`` entries) chunks of a batched matmul plus ``topk``;
   * IVF (CPU, large rows): the row's keys are clustered into lists by a coarse quantizer trained on the
     row's own keys (faiss k-means), retrained as the row grows and turns over, and a query scans only the
     entries of its ``nprobe`` nearest lists. Two implementations, in :mod:`models.knn_ivf`: a numba scan
@@ -45,6 +46,8 @@ from models.knn_ivf import (
     slot_entry_ids,
     train_centroids,
 )
+from models.topk_matmul import matmul_topk
+from models.triton_support import kernels_run_on
 
 __all__ = ["KNNMemoryConfig", "KNNMemory", "KNNSearchResult"]
 
@@ -361,16 +364,11 @@ class KNNMemory:
             keys = self.keys[rows_t, :n].to(dt)  # (R', n, d)
         qq = q[rows_t].to(dt)  # (R', Q, d)
         size_t = torch.as_tensor(sizes, device=self.device)  # (R',)
-        empty = torch.arange(n, device=self.device)[None, None, :] >= size_t[:, None, None]  # (R', 1, n)
-        chunk = max(1, cfg.exact_chunk_elems // max(1, n))
-        out_slots = torch.empty(R_, Q, k, dtype=torch.long, device=self.device)
-        out_valid = torch.empty(R_, Q, k, dtype=torch.bool, device=self.device)
-        for s in range(0, Q, chunk):
-            scores = torch.bmm(qq[:, s : s + chunk], keys.transpose(1, 2))  # (R', q, n)
-            scores.masked_fill_(empty, float("-inf"))
-            top, slot = scores.topk(k, dim=-1)  # (R', q, k)
-            out_slots[:, s : s + chunk] = slot
-            out_valid[:, s : s + chunk] = top > float("-inf")
+        if kernels_run_on(self.device):  # GPU (with Triton): the fused kernel, no (Q x n) score matrix
+            found = matmul_topk(qq, keys, k, key_count=size_t)
+            out_slots, out_valid = found.ids, found.ids >= 0  # (R', Q, k) each
+        else:  # CPU: chunks of bmm + topk (faster here than the blockwise reference merge)
+            out_slots, out_valid = self._chunked_topk(qq, keys, size_t, k)
         C = self.capacity
         counts = self.counts[rows]
         # id stored in slot s: base + s in the current lap (s < count % C), base - C + s from the last lap
@@ -382,6 +380,23 @@ class KNNMemory:
             pad = torch.full((R_, Q, topk - k), -1, dtype=torch.long, device=self.device)
             res = torch.cat([res, pad], dim=-1)
         return res
+
+    def _chunked_topk(self, qq: torch.Tensor, keys: torch.Tensor, size_t: torch.Tensor, k: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots (R', Q, k) of the top-k filled slots by bmm + topk over query chunks, and which are valid."""
+        R_, Q = qq.shape[0], qq.shape[1]
+        n = keys.shape[1]
+        empty = torch.arange(n, device=self.device)[None, None, :] >= size_t[:, None, None]  # (R', 1, n)
+        chunk = max(1, self.config.exact_chunk_elems // max(1, n))
+        out_slots = torch.empty(R_, Q, k, dtype=torch.long, device=self.device)
+        out_valid = torch.empty(R_, Q, k, dtype=torch.bool, device=self.device)
+        for s in range(0, Q, chunk):
+            scores = torch.bmm(qq[:, s : s + chunk], keys.transpose(1, 2))  # (R', q, n)
+            scores.masked_fill_(empty, float("-inf"))
+            top, slot = scores.topk(k, dim=-1)  # (R', q, k)
+            out_slots[:, s : s + chunk] = slot
+            out_valid[:, s : s + chunk] = top > float("-inf")
+        return out_slots, out_valid
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, torch.Tensor]:

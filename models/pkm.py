@@ -5,7 +5,8 @@ head, the query is split in two halves, each half is scored against its own smal
 ``num_keys`` sub-keys, and the ``topk`` best of the ``num_keys ** 2`` product keys are found from the two
 per-half top-k lists (so only ``2 * num_keys + topk ** 2`` scores are computed, never ``num_keys ** 2``).
 The selected value rows of one large table (an ``nn.EmbeddingBag`` with ``num_keys ** 2`` rows) are summed
-with softmax weights, over all heads.
+with softmax weights, over all heads: on GPUs by the Triton kernels of :mod:`models.triton_pkm` (float32
+sums, a backward without atomics), elsewhere (or with sparse value gradients) by ``F.embedding_bag``.
 
 The value table is large and sparsely touched, so it usually wants its own (higher) learning rate:
 :meth:`ProductKeyMemory.value_parameters` and :func:`param_groups` make that easy.
@@ -25,6 +26,8 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from models.triton_support import kernels_run_on
 
 __all__ = ["PKMConfig", "ProductKeyMemory", "param_groups", "pkm_value_parameters"]
 
@@ -174,9 +177,14 @@ class ProductKeyMemory(nn.Module):
         b, n, _ = x.shape
         indices, weights = self.select(x)  # (T, h*k), (T, h*k)
         w = self.values.weight
-        out = F.embedding_bag(
-            indices, w, mode="sum", per_sample_weights=weights.to(w.dtype), sparse=self.config.sparse_values
-        )  # (T, dim)
+        if not self.config.sparse_values and kernels_run_on(w.device):
+            from models.triton_pkm import weighted_gather
+
+            out = weighted_gather(indices, weights.to(w.dtype), w)  # (T, dim), summed in float32
+        else:
+            out = F.embedding_bag(
+                indices, w, mode="sum", per_sample_weights=weights.to(w.dtype), sparse=self.config.sparse_values
+            )  # (T, dim)
         out = self.value_dropout(self.out_norm(out))
         return out.view(b, n, self.dim).to(x.dtype)
 

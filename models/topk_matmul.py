@@ -4,8 +4,8 @@ Transformer's kNN memory and the all-chunks neighbor search.
 ``matmul_topk(queries, keys, k)`` returns, for every query, the ``k`` keys with the largest
 ``query . key + key_bias``, skipping keys past a row's ``key_count`` and keys whose group equals the
 query's group (a chunk's own document). Writing all scores to memory and reading them back for ``topk``
-costs far more than the arithmetic at the sizes these callers use, so on CUDA a fused kernel keeps the
-running top-k on chip; everywhere else (and as the reference the kernel is tested against) the product
+costs far more than the arithmetic at the sizes these callers use, so on CUDA a fused Triton kernel
+(:mod:`models.triton_topk`, when Triton is installed) keeps the running top-k on chip; everywhere else (and as the reference the kernel is tested against) the product
 is taken in blocks of keys with a running merge, so memory stays bounded by the block.
 """
 from __future__ import annotations
@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from models.triton_support import kernels_run_on
 
 # Scores of keys that may not be chosen; ids of empty result slots.
 EXCLUDED_SCORE = float("-inf")
@@ -60,8 +62,26 @@ def matmul_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, *, key_count:
         key_groups = None if key_groups is None else key_groups.unsqueeze(0)
     if queries.dim() != 3 or keys.dim() != 3 or queries.shape[0] != keys.shape[0] or queries.shape[2] != keys.shape[2]:
         raise ValueError(f"queries {tuple(queries.shape)} and keys {tuple(keys.shape)} do not match")
-    result = _reference(queries, keys, k, key_count, key_bias, query_groups, key_groups)
+    if _fused_kernel_fits(queries, keys, k):
+        from models.triton_topk import matmul_topk_triton
+
+        scores, ids = matmul_topk_triton(queries, keys, k, key_count, key_bias, query_groups, key_groups)
+        result = TopK(scores, ids)
+    else:
+        result = _reference(queries, keys, k, key_count, key_bias, query_groups, key_groups)
     return TopK(result.scores[0], result.ids[0]) if flat else result
+
+
+def _fused_kernel_fits(queries: torch.Tensor, keys: torch.Tensor, k: int) -> bool:
+    """Whether the Triton kernel takes this search: a device it runs on, a float dtype shared by both
+    sides, and k small enough to keep on chip."""
+    if keys.dtype != queries.dtype or queries.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if not kernels_run_on(queries.device):
+        return False
+    from models import triton_topk
+
+    return k <= triton_topk.MAX_K and keys.shape[1] < triton_topk.MAX_KEYS
 
 
 def _reference(queries: torch.Tensor, keys: torch.Tensor, k: int, key_count: Optional[torch.Tensor],

@@ -6,6 +6,7 @@ import torch
 
 from models.knn_ivf import ListScanRowIndex
 from models.knn_memory import KNNMemory, KNNMemoryConfig
+from tests.unit.models.triton_setup import kernel_device  # noqa: F401  (a fixture)
 
 
 @pytest.fixture(autouse=True)
@@ -325,3 +326,41 @@ def test_search_results_saved_for_backward_are_not_overwritten():
         mem.search(torch.randn(1, 5, 8), 3)
     loss.backward()
     assert torch.allclose(q.grad, expected_grad)
+
+
+@pytest.mark.parametrize("storage", ["float32", "bfloat16"])
+def test_fused_exact_search_matches_brute_force_across_eviction_and_clearing(kernel_device, storage,  # noqa: F811
+                                                                            monkeypatch):
+    """Where the Triton kernel runs (GPU, or here its CPU interpreter), exact search goes through the fused
+    matmul + top-k: it returns what brute force over the live entries returns, with their keys and values,
+    through FIFO eviction (adds larger than the capacity, masked adds) and clearing, in float32 and
+    bfloat16 storage (inputs bf16-representable, so both sides score the same numbers)."""
+    import models.knn_memory as knn_memory
+
+    calls = []
+    fused = knn_memory.matmul_topk
+    monkeypatch.setattr(knn_memory, "matmul_topk", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
+    dt = getattr(torch, storage)
+    torch.manual_seed(0)
+    R, C, d, k = 2, 40, 8, 5
+    cfg = KNNMemoryConfig(dim=d, capacity=C, backend="exact", storage_dtype=storage, exact_dtype=storage)
+    mem = KNNMemory(R, cfg, device=kernel_device)
+    ref = Reference(R, C)
+    q = torch.randn(R, 6, d).to(dt)
+    for step in range(14):
+        n = [3, 17, 45, 1, 9][step % 5]  # 45 > capacity: only the last 40 stay
+        keys, values = torch.randn(R, n, d).to(dt), torch.randn(R, n, d).to(dt)
+        mask = torch.rand(R, n) > 0.3 if step % 3 == 0 else None
+        mem.add(keys.to(kernel_device), values.to(kernel_device), None if mask is None else mask.to(kernel_device))
+        ref.add(keys, values, mask)
+        if step % 6 == 5:
+            mem.clear([step % R])
+            ref.clear([step % R])
+        res = mem.search(q.to(kernel_device), k)
+        for r in range(R):
+            want = ref.search(r, q[r], k)
+            assert torch.equal(res.ids[r].cpu(), want), f"step {step} row {r}: ids differ"
+            for qi, j in zip(*torch.nonzero(want >= 0, as_tuple=True)):
+                e = ref.lookup(r, int(want[qi, j]))
+                assert torch.equal(res.keys[r, qi, j].cpu(), e[1]) and torch.equal(res.values[r, qi, j].cpu(), e[2])
+    assert calls, "the exact search did not use the fused top-k"
