@@ -38,12 +38,13 @@ def embed_workers(concurrency: int, cpus_per_worker: float, gpus_per_worker: flo
 def _embed(cfg: BuildConfig, out: Location, corpus: list[str], concurrency: int):
     from pipelines.stages.embed import run_embed
 
-    workers = embed_workers(concurrency, cfg.cpus_per_worker, cfg.gpus_per_worker,
-                            cluster_gpus() if cfg.gpus_per_worker else 0.0)
+    gpus = cfg.gpus_for(cluster_gpus())
+    workers = embed_workers(concurrency, cfg.cpus_per_worker, gpus, cluster_gpus() if gpus else 0.0)
     return run_embed(out=out, encoder=cfg.encoder, pooling=cfg.pooling, embedding_dtype=cfg.embedding_dtype,
                      compute_dtype=cfg.compute_dtype, batch_size=cfg.embed_batch_size, concurrency=workers,
-                     cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=cfg.gpus_per_worker,
-                     allow_tokenizer_mismatch=cfg.allow_tokenizer_mismatch, config=config_to_dict(cfg))
+                     cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=gpus,
+                     allow_tokenizer_mismatch=cfg.allow_tokenizer_mismatch,
+                     config=config_to_dict(cfg) | {"gpus_per_worker": gpus})  # the re-index reads it as a number
 
 
 def _index(cfg: BuildConfig, out: Location, corpus: list[str], concurrency: int):
@@ -52,14 +53,16 @@ def _index(cfg: BuildConfig, out: Location, corpus: list[str], concurrency: int)
     return run_index(out=out, index_key=cfg.index_key, max_index_memory=cfg.max_index_memory,
                      max_query_ms=cfg.max_query_ms, metric=cfg.metric, single_node_max_vectors=cfg.single_node_max_vectors,
                      distributed=cfg.distributed, k=cfg.k, extra_neighbors=cfg.extra_neighbors,
-                     target_recall=cfg.target_recall, concurrency=concurrency, config=config_to_dict(cfg))
+                     target_recall=cfg.target_recall, concurrency=concurrency, gpus_per_worker=cfg.gpus_for(cluster_gpus()),
+                     config=config_to_dict(cfg))
 
 
 def _neighbors(cfg: BuildConfig, out: Location, corpus: list[str], concurrency: int):
     from pipelines.stages.neighbors import run_neighbors
 
     return run_neighbors(out=out, k=cfg.k, extra_neighbors=cfg.extra_neighbors, concurrency=concurrency,
-                         search=cfg.neighbors_search, shard_memory=cfg.shard_memory, config=config_to_dict(cfg))
+                         search=cfg.neighbors_search, shard_memory=cfg.shard_memory,
+                         gpus_per_worker=cfg.gpus_for(cluster_gpus()), config=config_to_dict(cfg))
 
 
 STAGES: dict[str, Callable] = {"tokenize": _tokenize, "embed": _embed, "index": _index, "neighbors": _neighbors}

@@ -44,7 +44,9 @@ class BuildConfig:
                                         "float32, bfloat16, float16")
     embed_batch_size: int = option(256, "chunks per encoder forward pass")
     cpus_per_worker: float = option(1.0, "CPUs (and torch threads) per embed worker")
-    gpus_per_worker: float = option(0.0, "GPUs per embed worker; > 0 runs the encoder on CUDA")
+    gpus_per_worker: str = option("auto", "GPUs per embed, index-training and neighbors worker: a number (> 0 runs the "
+                                          "encoder, k-means and the neighbor search on CUDA; 0: CPUs only), or auto "
+                                          "(1 when the Ray cluster has GPUs, else 0)")
     allow_tokenizer_mismatch: bool = option(False, "embed even if the encoder's tokenizer differs from the chunks' tokenizer")
     index_key: str = option("", "faiss index factory string (e.g. 'OPQ64_256,IVF65536_HNSW32,PQ64'); empty = autofaiss chooses")
     max_index_memory: str = option("4G", "memory budget of the index (autofaiss's max_index_memory_usage)")
@@ -82,7 +84,12 @@ class BuildConfig:
             raise ValueError(f"--embedding-dtype must be float16 or float32, got {self.embedding_dtype!r}")
         if self.compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"--compute-dtype must be auto, float32, bfloat16 or float16, got {self.compute_dtype!r}")
-        if self.embed_batch_size <= 0 or self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
+        if str(self.gpus_per_worker) != "auto":
+            try:
+                self.gpus_per_worker = str(float(self.gpus_per_worker))
+            except ValueError:
+                raise ValueError(f"--gpus-per-worker must be auto or a number, got {self.gpus_per_worker!r}") from None
+        if self.embed_batch_size <= 0 or self.cpus_per_worker <= 0 or self.gpus_for(1.0) < 0:
             raise ValueError("--embed-batch-size and --cpus-per-worker must be positive, --gpus-per-worker not negative")
         if self.metric not in ("l2", "ip"):
             raise ValueError(f"--metric must be l2 or ip, got {self.metric!r}")
@@ -94,6 +101,12 @@ class BuildConfig:
         unknown = [s for s in self.stage_list if s not in ALL_STAGES]
         if unknown:
             raise ValueError(f"unknown stage(s) {', '.join(unknown)}; known: {', '.join(ALL_STAGES)}")
+
+    def gpus_for(self, cluster_gpus: float) -> float:
+        """GPUs per worker on a cluster with ``cluster_gpus`` GPUs (``auto``: 1 when it has any, else 0)."""
+        if self.gpus_per_worker == "auto":
+            return 1.0 if cluster_gpus >= 1 else 0.0
+        return float(self.gpus_per_worker)
 
     @property
     def stage_list(self) -> list[str]:

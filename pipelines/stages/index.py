@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 
 import ray
@@ -60,6 +61,7 @@ from pipelines.search.knn import use_blas_for_batches
 from pipelines.search.rerank import ExactVectors
 from pipelines.search.routing_quantizer import ROUTING_FILES, has_routing_files, write_routing_files
 from pipelines.search.tuning import compute_recall_sample, evaluate, tune
+from pipelines.stages.neighbors_torch import CoarseTrainer, search_device
 
 APPROX_WORTH_S = 20.0  # exact neighbors for every chunk cheaper than this (CPU-seconds): no approximate index
 
@@ -68,7 +70,8 @@ APPROX_WORTH_S = 20.0  # exact neighbors for every chunk cheaper than this (CPU-
 
 
 def build_and_tune_single(out: Location, info: EmbeddingsInfo, bounds: DocBounds, settings: IndexSettings, key: str,
-                          auto: bool, seed: str, concurrency: int):
+                          auto: bool, seed: str, concurrency: int, trainer: CoarseTrainer | None = None,
+                          notes: list | None = None):
     """Build in-process and tune. With an automatic key and a corpus small enough, exact search is
     measured first: the approximate index is only built when it could save real time (the whole
     neighbors job at exact cost is over ``APPROX_WORTH_S`` CPU-seconds) and only kept when it
@@ -91,7 +94,7 @@ def build_and_tune_single(out: Location, info: EmbeddingsInfo, bounds: DocBounds
                   f"{info.n * flat_ev['ms_per_query'] / 1000:.1f} CPU-s for all chunks: using Flat", flush=True)
             return flat, "Flat", "", flat_ev, tried, build_seconds, tune_seconds + sample_seconds, sample
     t = time.perf_counter()
-    index = build_single_node(out, info, key, settings.metric, seed)
+    index = build_single_node(out, info, key, settings.metric, seed, trainer, notes)
     build_seconds += time.perf_counter() - t
     t = time.perf_counter()
     param, chosen, more = tune(index, key, sample, settings, ms_cap=flat_ev["ms_per_query"] if flat_ev else None,
@@ -107,8 +110,10 @@ def build_and_tune_single(out: Location, info: EmbeddingsInfo, bounds: DocBounds
     return index, key, param, chosen, tried, build_seconds, tune_seconds, sample
 
 
-def build_single_node(out: Location, info: EmbeddingsInfo, key: str, metric: str, seed: str):
-    """autofaiss builds the index in-process from the embeddings folder (embedding-reader)."""
+def build_single_node(out: Location, info: EmbeddingsInfo, key: str, metric: str, seed: str,
+                      trainer: CoarseTrainer | None = None, notes: list | None = None):
+    """autofaiss builds the index in-process from the embeddings folder (embedding-reader); ``trainer``
+    trains the coarse quantizer with torch k-means (on a GPU) instead of faiss (its note goes to ``notes``)."""
     from autofaiss.indices.build import add_embeddings_to_index_local
     from autofaiss.indices.training import create_empty_index
     from embedding_reader import EmbeddingReader
@@ -120,7 +125,13 @@ def build_single_node(out: Location, info: EmbeddingsInfo, key: str, metric: str
     index = create_empty_index(info.dim, key, metric)
     if not index.is_trained:
         sample = uniform_sample(info.n, train_size(info.n, key), f"train:{seed}")
-        train_index(index, gather_rows(out, info, sample))
+        x = gather_rows(out, info, sample)
+        if trainer is None:
+            train_index(index, x)
+        else:
+            note = trainer.train(index, x)
+            if notes is not None:
+                notes.append(note)
     index, _ = add_embeddings_to_index_local(reader, index, memory_available_for_adding="1G",
                                              embedding_ids_df_handler=None, index_optimizer=None,
                                              add_embeddings_with_ids=False)
@@ -153,6 +164,7 @@ class IndexSummary:
     build_cpu_seconds: float = 0.0  # CPU time of the workers that built it (the driver's on one node)
     key_reason: str = ""  # why this key (the automatic choice's rule, or --index-key)
     rerank: int = 0  # candidates re-ranked exactly per query (0: the index's distances are exact)
+    trainer: str = ""  # what trained the coarse quantizer when not faiss on CPU (torch k-means, its device)
 
     def lines(self) -> list[str]:
         if self.up_to_date:
@@ -161,7 +173,8 @@ class IndexSummary:
         return [
             f"index: {self.version} {self.index_key} ({self.mode} build, {self.layout}), {self.ntotal} of "
             f"{self.chunks} chunks, {self.size_bytes / 2**20:.1f} MiB, built in {self.build_seconds:.1f} s "
-            f"({self.build_cpu_seconds:.1f} CPU-s); key: {self.key_reason}",
+            f"({self.build_cpu_seconds:.1f} CPU-s); key: {self.key_reason}"
+            + (f"; coarse quantizer: {self.trainer}" if self.trainer else ""),
             f"index: search {self.index_param or 'exact'}"
             + (f", {self.rerank} candidates re-ranked exactly" if self.rerank else "") + f": recall@{self.k} {self.recall_at_k:.3f} (index), "
             f"{self.neighbor_recall_at_k:.3f} (neighbors, own document excluded) vs exact search, "
@@ -177,16 +190,22 @@ def _summary_from_manifest(m: dict, version: str) -> IndexSummary:
                         rerank=int(m.get("rerank_candidates", 0)))
 
 
-def index_fingerprint(info: EmbeddingsInfo, bounds: DocBounds, settings: IndexSettings, key: str, mode: str) -> str:
+def index_fingerprint(info: EmbeddingsInfo, bounds: DocBounds, settings: IndexSettings, key: str, mode: str,
+                      device: str = "") -> str:
+    """``device``: the torch k-means' device ("" for faiss' own k-means): a differently trained index."""
     return fingerprint_of({"embeddings": info.fingerprint, "docs": bounds.fingerprint, "settings": asdict(settings),
-                           "key": key, "mode": mode})
+                           "key": key, "mode": mode} | ({"kmeans": f"torch:{device}"} if device else {}))
 
 
 def run_index(*, out: Location, index_key: str = "", max_index_memory: str = "4G", max_query_ms: float = 10.0,
               metric: str = "l2", single_node_max_vectors: int = 2_000_000, distributed: bool = False, k: int = 2,
               extra_neighbors: int = 10, target_recall: float = 0.97, recall_sample: int = 1000,
-              concurrency: int = 0, config: dict | None = None) -> IndexSummary:
+              concurrency: int = 0, gpus_per_worker: float = 0.0, torch_device: str = "",
+              config: dict | None = None) -> IndexSummary:
     """Build, evaluate and commit one index version (or find the one these inputs already made).
+
+    ``gpus_per_worker`` > 0 trains the coarse quantizer with torch k-means on CUDA in a Ray task holding that
+    many GPUs; ``torch_device`` ("cpu" or "cuda") forces the torch k-means on that device (tests, benchmarks).
 
     Raises:
         ReindexedBuild: the build has been re-indexed (see the module docstring).
@@ -203,7 +222,10 @@ def run_index(*, out: Location, index_key: str = "", max_index_memory: str = "4G
     key = index_key or choice.key
     key_reason = choice.reason if choice else "--index-key"
     check_index_key(key, info.dim, metric)
-    fp = index_fingerprint(info, bounds, settings, key, mode)
+    device = search_device(gpus_per_worker, torch_device)
+    fp = index_fingerprint(info, bounds, settings, key, mode, device)
+    trainer = CoarseTrainer(device, gpus_per_worker, zlib.crc32(fp.encode())) if device else None
+    notes: list[str] = []
 
     done = find_complete(out, "index", fp)
     if done and all(file_is_valid(out, f"index/{done}", e) for e in read_manifest(out, f"index/{done}")["parts"]):
@@ -218,7 +240,7 @@ def run_index(*, out: Location, index_key: str = "", max_index_memory: str = "4G
         cpu = time.process_time()
         planned = key
         index, key, param, chosen, tried, build_seconds, tune_seconds, sample = build_and_tune_single(
-            out, info, bounds, settings, key, not index_key, fp, concurrency)
+            out, info, bounds, settings, key, not index_key, fp, concurrency, trainer, notes)
         if key != planned:
             key_reason = f"exact search measured cheaper than {planned} for the target recall at this size"
         build_cpu = time.process_time() - cpu  # the driver's, tuning included
@@ -231,7 +253,8 @@ def run_index(*, out: Location, index_key: str = "", max_index_memory: str = "4G
         from pipelines.stages.index_distributed import build_distributed, tune_remote
 
         t = time.perf_counter()
-        layout, files, ntotal, peaks, build_cpu = build_distributed(out, info, folder, key, metric, fp, concurrency)
+        layout, files, ntotal, peaks, build_cpu = build_distributed(out, info, folder, key, metric, fp, concurrency,
+                                                                    trainer, notes)
         build_seconds = time.perf_counter() - t
         t = time.perf_counter()
         sample = compute_recall_sample(out, info, bounds, settings, fp, use_ray=True, concurrency=concurrency)
@@ -251,7 +274,7 @@ def run_index(*, out: Location, index_key: str = "", max_index_memory: str = "4G
         "recall_at_k": chosen["recall"], "neighbor_recall_at_k": chosen["neighbor_recall"],
         "recall_sample": len(sample.ids), "query_ms": chosen["ms_per_query"], "max_query_ms": max_query_ms,
         "rerank_candidates": chosen["rerank"], "candidates": max(k + extra_neighbors + 1, chosen["rerank"]),
-        "key_reason": key_reason, "target_recall": target_recall, "extra_neighbors": extra_neighbors, "tuning": tried,
+        "key_reason": key_reason, "trainer": "; ".join(notes), "target_recall": target_recall, "extra_neighbors": extra_neighbors, "tuning": tried,
         "build_seconds": round(build_seconds, 3), "tune_seconds": round(tune_seconds, 3),
         "build_cpu_seconds": round(build_cpu, 3), "peak_rss_mb": peaks,
         "faiss_version": faiss_version(), "autofaiss_version": autofaiss_version(),
@@ -273,4 +296,4 @@ def run_index(*, out: Location, index_key: str = "", max_index_memory: str = "4G
     return IndexSummary(version, key, param, mode, layout, info.n, ntotal, size, chosen["recall"],
                         chosen["neighbor_recall"], chosen["ms_per_query"], k, time.perf_counter() - start,
                         build_seconds, tune_seconds, tried=tried, peak_rss_mb=peaks, build_cpu_seconds=build_cpu,
-                        key_reason=key_reason, rerank=chosen["rerank"])
+                        key_reason=key_reason, rerank=chosen["rerank"], trainer="; ".join(notes))

@@ -34,6 +34,7 @@ from pipelines.search.knn import ivf_of, use_blas_for_batches
 from pipelines.search.rerank import ExactVectors
 from pipelines.search.routing_quantizer import write_routing_files
 from pipelines.search.tuning import tune
+from pipelines.stages.neighbors_torch import CoarseTrainer
 
 ADD_BLOCK_ROWS = 65536
 
@@ -61,18 +62,22 @@ def gather_part_task(out_url: str, part: dict, local_rows: np.ndarray) -> np.nda
 
 @ray.remote
 def train_task(out_url: str, rel: str, key: str, dim: int, metric: str, sample_refs: list,
-               threads: int) -> tuple[float, float]:
+               threads: int, trainer: CoarseTrainer | None = None) -> tuple[float, float, str]:
+    """Train the empty index on the gathered sample (the coarse k-means by ``trainer`` in torch when given)."""
     import faiss
-
 
     _set_threads(threads)
     reset_peak_rss()
     cpu = time.process_time()
     x = np.concatenate(ray.get(sample_refs))
     index = faiss.index_factory(dim, key, faiss_metric(metric))
-    train_index(index, x)
+    note = ""
+    if trainer is None:
+        train_index(index, x)
+    else:
+        note = trainer.train(index, x)
     write_index_file(open_location(out_url), rel, index)
-    return peak_rss_mb(), time.process_time() - cpu
+    return peak_rss_mb(), time.process_time() - cpu, note
 
 
 @ray.remote(num_cpus=1)
@@ -144,7 +149,7 @@ def _sidecar_valid(out: Location, build: str, name: str) -> dict | None:
 
 
 def train_distributed(out: Location, info: EmbeddingsInfo, build: str, key: str, metric: str, seed: str,
-                      concurrency: int) -> str:
+                      concurrency: int, trainer: CoarseTrainer | None = None, notes: list | None = None) -> str:
 
     rel = f"{build}/trained.index"
     if _sidecar_valid(out, build, "trained.index"):
@@ -156,23 +161,29 @@ def train_distributed(out: Location, info: EmbeddingsInfo, build: str, key: str,
         part = info.parts[p]
         refs.append(gather_part_task.remote(out.url, part.to_dict(), ids[owner == p] - part.offset))
     threads = min(concurrency, max_node_cpus())
-    peak, cpu = ray.get(train_task.options(num_cpus=threads).remote(out.url, rel, key, info.dim, metric, refs, threads))
+    peak, cpu, note = ray.get(train_task.options(num_cpus=threads).remote(out.url, rel, key, info.dim, metric, refs,
+                                                                          threads, trainer))
+    if note and notes is not None:
+        notes.append(note)
     entry = file_entry(out, rel, "trained.index", peak_rss_mb=peak, cpu_seconds=round(cpu, 3))
     write_bytes_atomic(out, f"{build}/trained.index.json", json.dumps(entry).encode())
     return rel
 
 
 def build_distributed(out: Location, info: EmbeddingsInfo, folder: str, key: str, metric: str, seed: str,
-                      concurrency: int) -> tuple[str, list[str], int, dict, float]:
+                      concurrency: int, trainer: CoarseTrainer | None = None,
+                      notes: list | None = None) -> tuple[str, list[str], int, dict, float]:
     """Returns (layout, index files relative to ``folder``, ntotal, peak RSS MiB per worker role,
-    CPU-seconds the workers spent)."""
+    CPU-seconds the workers spent). ``trainer``: torch k-means for the coarse quantizer (its note goes
+    to ``notes``)."""
     import faiss
 
 
     build = f"{folder}/_build"
     empty = faiss.index_factory(info.dim, key, faiss_metric(metric))
     is_ivf = ivf_of(empty) is not None
-    trained_rel = train_distributed(out, info, build, key, metric, seed, concurrency) if not empty.is_trained else None
+    trained_rel = train_distributed(out, info, build, key, metric, seed, concurrency, trainer, notes) \
+        if not empty.is_trained else None
     if is_ivf and trained_rel is None:  # an IVF that needs no training (e.g. a given quantizer): stage it as is
         trained_rel = f"{build}/trained.index"
 

@@ -34,9 +34,11 @@ from pipelines.search.routing import check_search_mode
 from pipelines.stages.neighbors_parts import commit_part, committed_part, sample_recall
 from pipelines.stages.neighbors_routed import WORK as ROUTED_WORK
 from pipelines.stages.neighbors_routed import run_routed, wants_routed
+from pipelines.stages.neighbors_torch import nprobe_of, run_torch, search_device, torch_unsupported
 
 QUERY_BLOCK_ROWS = 8192
 MIN_ROWS_PER_ACTOR = 50_000  # fewer rows per actor cost more in process start-up than they save
+ACTOR_RESTARTS = 3  # times a neighbors worker is restarted (and its part retried) after its process dies
 
 
 class NeighborsWorker:
@@ -90,7 +92,10 @@ def run_parts(out_url: str, parts: list[EmbeddingPart], *, n_actors: int, cpus: 
     ``worker_cls``: the actor class (default :class:`NeighborsWorker`; the re-index job passes its own,
     with the same ``__init__(out_url, threads=..., **worker_kw)`` and ``run(part_dict)``)."""
     actor_cls = ray.remote(worker_cls or NeighborsWorker)
-    actors = [actor_cls.options(num_cpus=cpus).remote(out_url, threads=cpus, **worker_kw) for _ in range(n_actors)]
+    # a worker that dies (killed, its node lost) is restarted and its part retried: a part is committed
+    # atomically and a retry finds it done (committed_part), so a retry gives the same bytes
+    actors = [actor_cls.options(num_cpus=cpus, max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS).remote(
+        out_url, threads=cpus, **worker_kw) for _ in range(n_actors)]
     pending = list(parts)
     running: dict = {}
     entries: list[dict] = []
@@ -145,7 +150,12 @@ class NeighborsSummary:
                     f"k={self.k}); LATEST {'updated' if self.published else 'unchanged'}"]
         rate = self.chunks / self.seconds if self.seconds > 0 else 0.0
         recall = "n/a" if self.recall_at_k is None else f"{self.recall_at_k:.3f}"
-        if self.search.get("search") == "routed":
+        if self.search.get("search") == "torch":
+            how = (f"torch list-major scan on {self.search['device']} ({self.search['dtype']}), nprobe "
+                   f"{self.search['nprobe']}, {self.search['shards']} shard(s) of <= "
+                   f"{self.search['shard_bytes_max'] / 2**20:,.1f} MiB in {self.search['tasks']} task(s), "
+                   f"{self.search['scan_seconds']:.1f} device-task-s")
+        elif self.search.get("search") == "routed":
             how = (f"routed over {self.search['shards']} shard(s) of <= {self.search['shard_bytes_max'] / 2**20:,.1f} MiB, "
                    f"{self.search['query_copies'] / max(self.chunks, 1):.2f} shard visits per chunk")
         else:
@@ -172,8 +182,12 @@ def _newest_index_for(out: Location, embeddings_fp: str) -> str:
 
 def run_neighbors(*, out: Location, index_version: str | None = None, k: int = 2, extra_neighbors: int = 10,
                   concurrency: int = 0, publish: bool = True, search: str = "auto", shard_memory: str = "2G",
-                  config: dict | None = None) -> NeighborsSummary:
+                  gpus_per_worker: float = 0.0, torch_device: str = "", config: dict | None = None) -> NeighborsSummary:
     """Compute (or resume, or find) the neighbors of every chunk and publish them with their index.
+
+    ``gpus_per_worker`` > 0 searches with the torch list-major scan on CUDA (Ray tasks holding that many
+    GPUs; :mod:`pipelines.stages.neighbors_torch`); ``torch_device`` ("cpu", "cuda") forces it on that device.
+    An index the scan cannot use (no inverted lists, a non-linear pre-transform) is searched on CPUs.
 
     ``index_version`` defaults to the newest complete index built from the current embeddings;
     pass the version :func:`pipelines.stages.index.run_index` returned to pin it."""
@@ -190,9 +204,15 @@ def run_neighbors(*, out: Location, index_version: str | None = None, k: int = 2
         raise ValueError(f"index {index_version} was built from other embeddings than {out.url_of('embeddings')}: "
                          "rerun the index stage")
     check_search_mode(search, shard_memory)
-    routed = wants_routed(search, im, info, shard_memory)
+    device = search_device(gpus_per_worker, torch_device)
+    why_not = torch_unsupported(out, index_version, im["metric"]) if device else ""
+    if why_not:
+        print(f"neighbors: not on {device}: {why_not}; searching on CPUs", flush=True)
+        device = ""
+    routed = not device and wants_routed(search, im, info, shard_memory)
     fp = fingerprint_of({"index": im["fingerprint"], "index_version": index_version, "k": k,
-                         "extra": extra_neighbors} | ({"search": "routed"} if routed else {}))
+                         "extra": extra_neighbors} | ({"search": "routed"} if routed else {})
+                        | ({"search": f"torch:{device}"} if device else {}))
 
     done = find_complete(out, "neighbors", fp)
     if done:
@@ -208,7 +228,17 @@ def run_neighbors(*, out: Location, index_version: str | None = None, k: int = 2
     remove_stale_temporaries(out, folder)
 
     parts = list(info.parts)
-    if routed:
+    if device:
+        trun = run_torch(out, info, folder=folder, index_version=index_version,
+                         nprobe=nprobe_of(im.get("index_param", "")), k=k, metric=im["metric"], device=device,
+                         gpus=gpus_per_worker, shard_memory=shard_memory,
+                         concurrency=concurrency or max(1, int(ray.cluster_resources().get("CPU", 1))))
+        entries, n_actors, cpus, busy = trun.entries, trun.tasks, 0, trun.scan_seconds
+        cpu_s, peak = trun.cpu_seconds, max(trun.peak_rss_mb.values())
+        how = {"search": "torch", "device": device, "dtype": trun.dtype, "nprobe": trun.nprobe, "shards": trun.shards,
+               "shard_bytes_max": trun.shard_bytes_max, "tasks": trun.tasks, "scan_seconds": round(trun.scan_seconds, 3),
+               "peak_rss_mb": trun.peak_rss_mb}
+    elif routed:
         run = run_routed(out, info, folder=folder, index_version=index_version, index_param=im.get("index_param", ""),
                          k=k, metric=im["metric"], shard_memory=shard_memory,
                          concurrency=concurrency or max(1, int(ray.cluster_resources().get("CPU", 1))))
@@ -274,15 +304,16 @@ def run_index_and_neighbors(*, out: Location, index_key: str = "", max_index_mem
                             max_query_ms: float = 10.0, metric: str = "l2", single_node_max_vectors: int = 2_000_000,
                             distributed: bool = False, k: int = 2, extra_neighbors: int = 10,
                             target_recall: float = 0.97, recall_sample: int = 1000, concurrency: int = 0,
-                            search: str = "auto", shard_memory: str = "2G",
-                            config: dict | None = None) -> IndexNeighborsSummary:
+                            search: str = "auto", shard_memory: str = "2G", gpus_per_worker: float = 0.0,
+                            torch_device: str = "", config: dict | None = None) -> IndexNeighborsSummary:
     """The index stage, then the neighbors stage pinned to the version it produced, then LATEST."""
     from pipelines.stages.index import run_index
 
     s = run_index(out=out, index_key=index_key, max_index_memory=max_index_memory, max_query_ms=max_query_ms,
                   metric=metric, single_node_max_vectors=single_node_max_vectors, distributed=distributed, k=k,
                   extra_neighbors=extra_neighbors, target_recall=target_recall, recall_sample=recall_sample,
-                  concurrency=concurrency, config=config)
+                  concurrency=concurrency, gpus_per_worker=gpus_per_worker, torch_device=torch_device, config=config)
     n = run_neighbors(out=out, index_version=s.version, k=k, extra_neighbors=extra_neighbors,
-                      concurrency=concurrency, search=search, shard_memory=shard_memory, config=config)
+                      concurrency=concurrency, search=search, shard_memory=shard_memory,
+                      gpus_per_worker=gpus_per_worker, torch_device=torch_device, config=config)
     return IndexNeighborsSummary(s, n)
