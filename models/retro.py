@@ -32,9 +32,24 @@ plain matmuls around a softmax (float32 accumulation), which is faster on CPU at
 chunks and neighbors of a batch run as one batch. The model runs under
 ``torch.autocast(device_type, dtype=torch.bfloat16)``: the residual stream stays float32, matmuls run in bf16.
 
+On GPU: RMSNorm goes through ``F.rms_norm``, the loss through the blocked cross-entropy (no float32 copy
+of the logits), nothing in a step waits for the device (the "is anything padded" test that picks unmasked
+kernels runs on CPU only), ``RETRO.compile_blocks()`` compiles every residual block with torch.compile
+(one graph each, shared by the blocks of one kind), and ``model.activation_checkpointing = True``
+recomputes each block's activations in the backward pass.
+
+Decoding with a cache: ``cache = model.new_cache()``, then ``model.extend(cache, new_tokens, retrieved)`` for
+the prompt and for each token after it. Self-attention keeps its keys and values; the first CCA layer keeps
+the states a chunk's neighbors attend to, so a chunk's neighbors are encoded once, when it completes, and
+every CCA layer keeps their keys and values. A token then costs one position, and the logits are those of
+``next_token_logits`` over the whole sequence (the chunked cross-attention takes the first position of the
+new tokens, ``start``, and reads the attending chunks those positions lie in).
+
 Public API: ``RetroConfig``, ``retro_config(preset, **overrides)``, ``PRESETS``, ``RETRO(config)``,
-``RETRO.forward(seq, retrieved=None, labels=None, return_loss=False)``, ``RETRO.hidden_states``,
-``RETRO.next_token_logits``, ``RETRO.num_completed_chunks``; helpers ``cross_entropy``, ``attend``, ``RMSNorm``.
+``RETRO.forward(seq, retrieved=None, labels=None, return_loss=False, reduction="mean")``,
+``RETRO.hidden_states``, ``RETRO.next_token_logits``, ``RETRO.new_cache``, ``RETRO.extend``,
+``RETRO.compile_blocks``, ``RETRO.num_completed_chunks``; helpers ``cross_entropy``, ``attend``, ``RMSNorm``,
+``rms_norm``.
 """
 
 from __future__ import annotations
@@ -50,7 +65,8 @@ from torch import nn
 if TYPE_CHECKING:  # pragma: no cover
     from models.pkm import PKMConfig
 
-__all__ = ["RetroConfig", "retro_config", "PRESETS", "RETRO", "attend", "cross_entropy", "RMSNorm"]
+__all__ = ["RetroConfig", "retro_config", "PRESETS", "RETRO", "DecodeCache", "attend", "cross_entropy", "RMSNorm",
+           "rms_norm"]
 
 BERT_UNCASED_VOCAB = 30522  # vocabulary of the default chunk tokenizer (all-MiniLM-L6-v2, bert-base-uncased)
 
@@ -276,10 +292,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: Optio
     # q: (B, h, n, dh); k, v: (B, h, m, dh); key_mask: (B, m) bool -> out (B, h, n, dh)
     if impl == "auto":
         impl = "matmul" if q.device.type == "cpu" else "sdpa"
+    n, m = q.shape[-2], k.shape[-2]
     if impl == "sdpa":
         mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, m)
+        if causal and n != m:  # queries are the last n of m positions (a decoding cache): bottom-right causal
+            # SDPA's is_causal aligns top-left; one query (n == 1) sees every key and needs no mask at all
+            if n > 1:
+                seen = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)  # (n, m)
+                mask = seen if mask is None else mask & seen
+            causal = False
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p)
-    n, m = q.shape[-2], k.shape[-2]
     # scores stay in the matmul's dtype: softmax accumulates in float32 internally even for bf16 input,
     # and its output would be rounded to bf16 for the next matmul anyway
     scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))  # (B, h, n, m)
@@ -335,7 +357,17 @@ class RMSNorm(nn.Module):
         out_dtype = x.dtype
         if torch.is_autocast_enabled(device_type):
             out_dtype = torch.get_autocast_dtype(device_type)
+        if device_type != "cpu" or torch.compiler.is_compiling():
+            # PyTorch's fused kernel on GPU; under torch.compile the compiler fuses it with its neighbors
+            return rms_norm(x, self.weight, self.eps, out_dtype)
         return _RMSNormFunction.apply(x.float(), self.weight, self.eps, out_dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """RMSNorm through F.rms_norm in float32, cast to out_dtype (RMSNorm's path on GPU and under compile)."""
+    # autocast would run F.rms_norm in float32 anyway; keep it explicit and outside autocast's casts
+    with torch.autocast(x.device.type, enabled=False):
+        return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(out_dtype)
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -343,16 +375,18 @@ class _CrossEntropy(torch.autograd.Function):
 
     Same value and gradient as F.cross_entropy (float32 math), but computed in row blocks: no float32 copy
     of the whole (N, vocab) logits, no saved log-softmax, no zero-filled gradient; about 2x faster on CPU
-    for a 30k vocabulary. With no valid label the loss is 0 (F.cross_entropy gives NaN).
+    for a 30k vocabulary. With no valid label the loss is 0 (F.cross_entropy gives NaN). With ``mean``
+    False it is the sum over valid labels (what a trainer that weights tokens across workers needs).
+    No host synchronisation: the label count stays on the device.
     """
 
     @staticmethod
     def forward(ctx: Any, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,  # type: ignore[override]
-                block: int) -> torch.Tensor:
+                block: int, mean: bool) -> torch.Tensor:
         # logits: (N, V) float; labels: (N,) int64
         valid = labels != ignore_index  # (N,)
         safe = labels.masked_fill(~valid, 0)  # (N,)
-        count = valid.sum().clamp(min=1)  # ()
+        count = valid.sum().clamp(min=1) if mean else torch.ones((), dtype=torch.int64, device=logits.device)
         lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)  # (N,)
         for s in range(0, logits.shape[0], block):
             blk = logits[s:s + block]  # (blk, V)
@@ -365,7 +399,7 @@ class _CrossEntropy(torch.autograd.Function):
         return ((lse - target) * valid).sum() / count
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], None, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], None, None, None, None]:  # type: ignore[override]
         logits, safe, valid, lse, count = ctx.saved_tensors
         scale = (grad / count) * valid  # (N,)
         out = torch.empty_like(logits)  # (N, V)
@@ -374,12 +408,22 @@ class _CrossEntropy(torch.autograd.Function):
             p[torch.arange(p.shape[0], device=p.device), safe[s:s + ctx.block]] -= 1.0
             p *= scale[s:s + ctx.block, None]
             out[s:s + ctx.block] = p
-        return out, None, None, None
+        return out, None, None, None, None
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """Mean token cross-entropy, labels equal to ignore_index left out; logits (..., V), labels (...)."""
-    return _CrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index, 64)
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, *,
+                  reduction: str = "mean") -> torch.Tensor:
+    """Token cross-entropy, labels equal to ignore_index left out; logits (..., V), labels (...).
+
+    reduction "mean" (over the valid labels) or "sum". Rows go in blocks of 64 on CPU (cache-sized) and of
+    about 2^25 logits on GPU (few, large kernels; the float32 temporary stays near 128 MB).
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f'reduction must be "mean" or "sum", got {reduction!r}')
+    vocab = logits.shape[-1]
+    block = 64 if logits.device.type == "cpu" else max(64, (1 << 25) // vocab)
+    return _CrossEntropy.apply(logits.reshape(-1, vocab), labels.reshape(-1), ignore_index, block,
+                               reduction == "mean")
 
 
 class Residual(nn.Module):
@@ -414,6 +458,30 @@ class FeedForward(nn.Module):
         return self.w_out(self.dropout(F.gelu(self.w_in(x))))
 
 
+class KVCache:
+    """One self-attention layer's keys and values during decoding, in buffers of max_len positions (no copy of
+    the past per token)."""
+
+    def __init__(self, max_len: int) -> None:
+        self.max_len, self.length = max_len, 0
+        self.k: Optional[torch.Tensor] = None  # (B, h, max_len, dh)
+        self.v: Optional[torch.Tensor] = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, h, n, dh) after the cached positions; return all keys and values (B, h, length, dh)."""
+        B, h, n, dh = k.shape
+        if self.k is None:
+            self.k = k.new_empty(B, h, self.max_len, dh)
+            self.v = v.new_empty(B, h, self.max_len, dh)
+        end = self.length + n
+        if end > self.max_len:
+            raise ValueError(f"the decoding cache holds {self.max_len} positions; {end} asked for")
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with a fused QKV projection, rotary positions and SDPA."""
 
@@ -425,8 +493,9 @@ class SelfAttention(nn.Module):
         self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                key_mask: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None) -> torch.Tensor:
         # x: (B, n, dim); cos, sin: (n, rot); key_mask: (B, n) bool, True = attend
+        # cache: the keys and values of the positions before these n (decoding); these n are appended
         B, n, _ = x.shape
         qkv = self.to_qkv(x).view(B, n, 3, self.heads, self.dim_head)  # (B, n, 3, h, dh)
         # rotate q and k together (one set of kernels): tables broadcast over the (q|k, head) dims
@@ -436,6 +505,8 @@ class SelfAttention(nn.Module):
         v = v.squeeze(2).transpose(1, 2)  # (B, h, n, dh)
         if self.causal and key_mask is not None:
             raise ValueError("causal self-attention takes no key mask (pads only ever follow real tokens)")
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, h, past + n, dh) each
         out = attend(q, k, v, key_mask=key_mask, causal=self.causal, impl=self.impl,
                      dropout_p=self.dropout if self.training else 0.0)  # (B, h, n, dh)
         out = out.transpose(1, 2).reshape(B, n, self.heads * self.dim_head)  # (B, n, h*dh)
@@ -460,12 +531,22 @@ class CrossAttention(nn.Module):
                 k_rot: tuple[torch.Tensor, torch.Tensor], key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         # x: (B, n, dim); context: (B, m, context_dim); q_rot: 2 x (n, rot); k_rot: 2 x (m, rot)
         # key_mask: (B, m) bool, True = attend
-        B, n, _ = x.shape
-        m = context.shape[1]
-        q = self.to_q(x).view(B, n, self.heads, self.dim_head).transpose(1, 2)  # (B, h, n, dh)
+        return self.attend_to(x, *self.keys_values(context, k_rot), q_rot, key_mask)
+
+    def keys_values(self, context: torch.Tensor, k_rot: tuple[torch.Tensor, torch.Tensor]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated keys and values (B, h, m, dh) of a context (B, m, context_dim); a decoding cache keeps them."""
+        B, m, _ = context.shape
         kv = self.to_kv(context).view(B, m, 2, self.heads, self.dim_head)  # (B, m, 2, h, dh)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, m, dh) each
-        q, k = apply_rotary(q, *q_rot), apply_rotary(k, *k_rot)
+        return apply_rotary(k, *k_rot), v
+
+    def attend_to(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_rot: tuple[torch.Tensor, torch.Tensor],
+                  key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Queries from x (B, n, dim) attend to keys_values' k, v (B, h, m, dh) (and the null key/value)."""
+        B, n, _ = x.shape
+        q = self.to_q(x).view(B, n, self.heads, self.dim_head).transpose(1, 2)  # (B, h, n, dh)
+        q = apply_rotary(q, *q_rot)
         if self.null_kv is not None:
             null_k, null_v = self.null_kv.to(k.dtype).unbind(0)  # (h, 1, dh) each
             k = torch.cat((null_k.expand(B, -1, -1, -1), k), dim=2)  # (B, h, 1 + m, dh)
@@ -490,18 +571,30 @@ class ChunkedCrossAttention(nn.Module):
         self.chunk_size = chunk_size
         self.attn = CrossAttention(dim, dim, heads, dim_head, dropout=dropout, null_kv=True, impl=impl)
 
-    def forward(self, x: torch.Tensor, neighbors: EncodedNeighbors) -> torch.Tensor:
-        # x: (b, n, dim) -> (b, n, dim); zero where a token has no completed chunk to read from
+    def forward(self, x: torch.Tensor, neighbors: EncodedNeighbors, start: int = 0,
+                kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        # x: (b, n, dim) at positions start .. start+n-1 -> (b, n, dim); zero where a token has no completed
+        # chunk to read from. neighbors: the chunks first_chunk .. first_chunk+G-1, which must cover every
+        # attending chunk these positions lie in (all of them from 0 when start is 0). kv: their keys and
+        # values (b*G, h, k*L, dh) when a decoding cache holds them; else projected from neighbors.hidden
         b, n, dim = x.shape
-        c, R = self.chunk_size, neighbors.num_chunks
-        span = R * c  # attending positions: c-1 .. c-1+span-1
-        pad_end = max(0, c - 1 + span - n)  # the last attending chunk runs past the end (zero-pad it)
-        shifted = F.pad(x, (0, 0, 0, pad_end))[:, c - 1: c - 1 + span]  # (b, R*c, dim)
-        shifted = shifted.reshape(b * R, c, dim)  # (b*R, c, dim)
-        out = self.attn(shifted, neighbors.hidden, neighbors.q_rot, neighbors.k_rot,
-                        neighbors.key_mask)  # (b*R, c, dim)
-        out = out.reshape(b, span, dim)  # (b, R*c, dim)
-        out = F.pad(out, (0, 0, c - 1, 0))  # (b, c-1+R*c, dim): position p reads row p
+        c, G = self.chunk_size, neighbors.num_chunks
+        span = G * c  # attending positions lo .. lo+span-1
+        lo = c - 1 + neighbors.first_chunk * c  # first position of attending chunk first_chunk
+        off = start - lo  # x row i is position start + i, i.e. attending row off + i
+        shifted = x[:, -off:] if off < 0 else F.pad(x, (0, 0, off, 0))  # row r = attending row r
+        shifted = shifted[:, :span]
+        if shifted.shape[1] < span:  # the last attending chunk runs past the end (zero-pad it)
+            shifted = F.pad(shifted, (0, 0, 0, span - shifted.shape[1]))
+        shifted = shifted.reshape(b * G, c, dim)  # (b*G, c, dim)
+        if kv is None:
+            kv = self.attn.keys_values(neighbors.hidden, neighbors.k_rot)  # 2 x (b*G, h, k*L, dh)
+        out = self.attn.attend_to(shifted, *kv, neighbors.q_rot, neighbors.key_mask)  # (b*G, c, dim)
+        out = out.reshape(b, span, dim)  # (b, G*c, dim): attending row r
+        if off < 0:
+            out = F.pad(out, (0, 0, -off, 0))  # x row i reads row i
+        else:
+            out = out[:, off:]
         if out.shape[1] >= n:
             return out[:, :n]  # (b, n, dim)
         return F.pad(out, (0, 0, 0, n - out.shape[1]))  # (b, n, dim)
@@ -511,11 +604,12 @@ class ChunkedCrossAttention(nn.Module):
 class EncodedNeighbors:
     """The encoder's output, laid out for CCA (chunks in the batch dimension, neighbors concatenated)."""
 
-    hidden: torch.Tensor  # (b*R, k*L, dec_dim)
+    hidden: Optional[torch.Tensor]  # (b*R, k*L, dec_dim); None when a decoding cache holds each CCA's keys
     key_mask: Optional[torch.Tensor]  # (b*R, k*L) bool, True = real token; None when nothing is padded
     q_rot: tuple[torch.Tensor, torch.Tensor]  # 2 x (c, rot): query positions c-1 .. 2c-2 within chunk j
     k_rot: tuple[torch.Tensor, torch.Tensor]  # 2 x (k*L, rot): positions 0..L-1 inside each neighbor
     num_chunks: int  # R
+    first_chunk: int = 0  # the chunk index of the first of the R
 
 
 class EncoderLayer(nn.Module):
@@ -587,6 +681,20 @@ class RETRO(nn.Module):
         self.dec_norm = nn.Identity() if cfg.use_deepnet else RMSNorm(cfg.dec_dim, eps=cfg.norm_eps)
         self.to_logits = nn.Linear(cfg.dec_dim, cfg.num_tokens, bias=False)
         self._init_weights(enc_beta, dec_beta)
+        self.activation_checkpointing = False  # a training setting, not part of the config (see _run)
+
+    def compile_blocks(self, **options: Any) -> RETRO:
+        """torch.compile every residual block (attention, CCA, feed-forward) of the encoder and decoder in place.
+
+        Per block, not the whole model: the retrieval bookkeeping between blocks (chunk shapes, the encoder
+        running at the first CCA layer) stays eager Python, each block compiles to one graph with no host
+        synchronisation, and the parameter names (checkpoints) do not change. options go to torch.compile.
+        """
+        for layer in [*self.encoder, *self.decoder]:
+            for block in (getattr(layer, name, None) for name in ("attn", "cross", "cca", "ff")):
+                if block is not None:
+                    block.compile(**options)
+        return self
 
     def _init_weights(self, enc_beta: float, dec_beta: float) -> None:
         """Normal(0, init_std) for pre-norm; DeepNet's xavier-normal with gain beta on v/out/ff for post-norm."""
@@ -654,7 +762,9 @@ class RETRO(nn.Module):
         c, device = self.chunk_size, retrieved.device
         tokens = retrieved.reshape(b * R * k, L)  # (b*R*k, L)
         real = tokens != self.pad_id  # (b*R*k, L)
-        all_real = bool(real.all())  # no padding anywhere: run attention unmasked (faster kernels)
+        # no padding anywhere: run attention unmasked (faster kernels). Asking is a host synchronisation, so
+        # only on CPU (where it costs nothing) and never under torch.compile (it would break the graph)
+        all_real = (real.device.type == "cpu" and not torch.compiler.is_compiling()) and bool(real.all())
         # an all-padding neighbor (fewer than k found) attends over its pads rather than over nothing (NaN)
         self_mask = None if all_real else real | ~real.any(dim=-1, keepdim=True)  # (b*R*k, L)
         context = self.ctx_norm(chunk_hidden).reshape(b * R, c, -1)  # (b*R, c, dec_dim)
@@ -662,12 +772,12 @@ class RETRO(nn.Module):
         ctx_rot = self._rot(torch.arange(c, device=device))  # 2 x (c, rot)
         grouped_rot = tuple(t.repeat(k, 1) for t in nb_rot)  # 2 x (k*L, rot)
         for layer in self.encoder:
-            h = layer.attn(h, *nb_rot, key_mask=self_mask)  # (b*R*k, L, enc_dim)
+            h = self._run(layer.attn, h, *nb_rot, self_mask)  # (b*R*k, L, enc_dim)
             if layer.cross is not None:
                 # the k neighbors of a chunk share its context: fold them into the query length
                 hg = h.reshape(b * R, k * L, -1)  # (b*R, k*L, enc_dim)
-                h = layer.cross(hg, context, grouped_rot, ctx_rot).reshape(b * R * k, L, -1)
-            h = layer.ff(h)  # (b*R*k, L, enc_dim)
+                h = self._run(layer.cross, hg, context, grouped_rot, ctx_rot).reshape(b * R * k, L, -1)
+            h = self._run(layer.ff, h)  # (b*R*k, L, enc_dim)
         h = self.enc_out(self.enc_norm(h))  # (b*R*k, L, dec_dim)
         # CCA queries of attending chunk j sit at offsets c-1 .. 2c-2 from the start of chunk j, so a query
         # and the neighbor token aligned with it (neighbor i ~ chunk token i, continuation ~ next chunk) are close
@@ -699,23 +809,31 @@ class RETRO(nn.Module):
         cos, sin = self._rot(torch.arange(n, device=seq.device))  # (n, rot) each
         neighbors: Optional[EncodedNeighbors] = None
         for layer in self.decoder:
-            x = layer.attn(x, cos, sin)  # (b, n, dec_dim)
+            x = self._run(layer.attn, x, cos, sin)  # (b, n, dec_dim)
             if layer.cca is not None and retrieved is not None:
                 if neighbors is None:
                     R = retrieved.shape[1]
                     neighbors = self._encode(retrieved, nb_emb, x[:, :R * self.chunk_size])
-                x = layer.cca(x, neighbors)  # (b, n, dec_dim)
-            x = layer.ff(x)  # (b, n, dec_dim)
+                x = self._run(layer.cca, x, neighbors)  # (b, n, dec_dim)
+            x = self._run(layer.ff, x)  # (b, n, dec_dim)
         return self.dec_norm(x)  # (b, n, dec_dim)
 
+    def _run(self, block: nn.Module, *args: Any) -> Any:
+        """block(*args), recomputed in the backward pass instead of kept when activation checkpointing is on."""
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
     def forward(self, seq: torch.Tensor, retrieved: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None, return_loss: bool = False) -> torch.Tensor:
-        """Logits (b, n, num_tokens), or the mean cross-entropy (label pad_id ignored) when training.
+                labels: Optional[torch.Tensor] = None, return_loss: bool = False,
+                reduction: str = "mean") -> torch.Tensor:
+        """Logits (b, n, num_tokens), or the cross-entropy (label pad_id ignored) when training.
 
         seq: (b, n) int64 token ids. retrieved: (b, n // chunk_size, k, 2 * chunk_size) int64 neighbor tokens
         (neighbor + continuation, pad id 0) or None to run without retrieval. With ``return_loss=True`` and
         no ``labels``, seq holds n + 1 tokens and is split into inputs seq[:, :-1] and labels seq[:, 1:]
-        (as in RETRO-pytorch); retrieved then covers the n inputs. With ``labels`` (b, n) the loss is returned.
+        (as in RETRO-pytorch); retrieved then covers the n inputs. With ``labels`` (b, n) the loss is returned:
+        the mean over the labels that count, or their sum with ``reduction="sum"``.
         """
         if labels is None and return_loss:
             seq, labels = seq[:, :-1], seq[:, 1:]  # (b, n), (b, n)
@@ -724,14 +842,107 @@ class RETRO(nn.Module):
             return logits
         if labels.shape != seq.shape:
             raise ValueError(f"labels {tuple(labels.shape)} must match the inputs {tuple(seq.shape)}")
-        return cross_entropy(logits, labels, self.pad_id)  # float32 math on bf16 logits
+        return cross_entropy(logits, labels, self.pad_id, reduction=reduction)  # float32 math on bf16 logits
 
     @torch.no_grad()
     def next_token_logits(self, prefix: torch.Tensor, retrieved: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits (b, num_tokens) for the token after prefix (b, n), any n >= 1.
 
         retrieved holds the neighbors of the prefix's completed chunks, (b, n // chunk_size, k, L), or None.
-        Only the last position goes through the output projection. Recomputes the whole prefix (no cache).
+        Only the last position goes through the output projection. Recomputes the whole prefix (``extend``
+        keeps a cache instead).
         """
         hidden = self.hidden_states(prefix, retrieved)  # (b, n, dec_dim)
         return self.to_logits(hidden[:, -1])  # (b, num_tokens)
+
+    # ---- decoding with a key/value cache (generation)
+
+    def new_cache(self) -> DecodeCache:
+        """An empty decoding cache for ``extend`` (one per generated batch of sequences)."""
+        return DecodeCache(layers=[KVCache(self.config.max_seq_len) for _ in self.decoder])
+
+    @torch.no_grad()
+    def extend(self, cache: DecodeCache, tokens: torch.Tensor, retrieved: Optional[torch.Tensor] = None
+               ) -> torch.Tensor:
+        """Logits (b, num_tokens) for the token after cache's positions followed by tokens (b, t).
+
+        The same logits as ``next_token_logits`` of the whole sequence (up to float rounding), at the cost
+        of the t new positions: every self-attention keeps its keys and values, the first CCA layer keeps
+        the states its chunks' neighbors attend to, and each CCA layer keeps the keys and values of the
+        neighbors encoded so far. retrieved is what ``next_token_logits`` takes for the whole sequence:
+        the neighbors of its completed chunks (b, n // chunk_size, k, L), or None; only chunks completed
+        since the last call are encoded. t may be the whole prompt (prefill) or one token.
+        """
+        if tokens.dim() != 2 or tokens.shape[1] == 0:
+            raise ValueError(f"tokens must be (batch, new tokens) with at least one, got {tuple(tokens.shape)}")
+        b, t = tokens.shape
+        start, c = cache.length, self.chunk_size
+        n = start + t
+        if n > self.config.max_seq_len:
+            raise ValueError(f"sequence of {n} tokens is longer than max_seq_len={self.config.max_seq_len}")
+        retrieved = self._check_retrieved(retrieved, b, n)  # (b, n // c, k, L) or None
+        cca_layers = self.config.dec_cross_attn_layers
+        x = self.to_dec(self.token_emb(tokens)).float()  # (b, t, dec_dim)
+        cos, sin = self._rot(torch.arange(start, n, device=tokens.device))  # (t, rot) each
+        # position p >= c - 1 reads the neighbors of chunk (p - c + 1) // c: positions start .. n-1 read
+        # chunks lo_chunk .. n // c - 1 (none before position c - 1)
+        lo_chunk = max(0, start - c + 1) // c
+        num_read = n // c - lo_chunk
+        for i, layer in enumerate(self.decoder):
+            x = layer.attn(x, cos, sin, cache=cache.layers[i])  # (b, t, dec_dim)
+            if layer.cca is None:
+                x = layer.ff(x)
+                continue
+            if i + 1 == cca_layers[0]:
+                cache.context = x if cache.context is None else torch.cat((cache.context, x), dim=1)  # (b, n, d)
+                if retrieved is not None:
+                    self._encode_into(cache, retrieved)
+            if retrieved is not None and num_read > 0:
+                kv = tuple(t_[:, lo_chunk: lo_chunk + num_read].flatten(0, 1) for t_ in cache.cca_kv[i])
+                mask = cache.cca_mask[:, lo_chunk: lo_chunk + num_read].flatten(0, 1)  # (b*G, k*L)
+                view = EncodedNeighbors(hidden=None, key_mask=mask, q_rot=cache.q_rot, k_rot=cache.k_rot,
+                                        num_chunks=num_read, first_chunk=lo_chunk)
+                x = layer.cca(x, view, start, kv)  # (b, t, dec_dim)
+            x = layer.ff(x)  # (b, t, dec_dim)
+        cache.length = n
+        return self.to_logits(self.dec_norm(x[:, -1]))  # (b, num_tokens)
+
+    def _encode_into(self, cache: DecodeCache, retrieved: torch.Tensor) -> None:
+        """Encode the chunks completed since the cache last saw retrieved; keep every CCA layer's keys/values."""
+        b, R, k, L = retrieved.shape
+        done, c = cache.chunks, self.chunk_size
+        if R <= done:
+            return
+        new = retrieved[:, done:]  # (b, G, k, L)
+        nb_emb = self.token_emb(new.reshape(-1)).view(-1, L, self.config.enc_dim)  # (b*G*k, L, enc_dim)
+        enc = self._encode(new, nb_emb, cache.context[:, done * c: R * c])  # hidden (b*G, k*L, dec_dim)
+        G = R - done
+        mask = enc.key_mask if enc.key_mask is not None else torch.ones(
+            b * G, k * L, dtype=torch.bool, device=retrieved.device)
+        cache.cca_mask = _cat_chunks(cache.cca_mask, mask.view(b, G, k * L))
+        for i, layer in enumerate(self.decoder):
+            if layer.cca is not None:
+                kv = layer.cca.fn.attn.keys_values(enc.hidden, enc.k_rot)  # 2 x (b*G, h, k*L, dh)
+                old = cache.cca_kv.get(i, (None, None))
+                cache.cca_kv[i] = tuple(_cat_chunks(o, t_.unflatten(0, (b, G))) for o, t_ in zip(old, kv))
+        cache.q_rot, cache.k_rot, cache.chunks = enc.q_rot, enc.k_rot, R
+
+
+def _cat_chunks(old: Optional[torch.Tensor], new: torch.Tensor) -> torch.Tensor:
+    """Append per-chunk tensors along dim 1 (chunks)."""
+    return new if old is None else torch.cat((old, new), dim=1)
+
+
+@dataclass
+class DecodeCache:
+    """What ``RETRO.extend`` keeps between calls: everything about the positions it has seen."""
+
+    layers: list[KVCache]  # per decoder layer: self-attention keys and values
+    length: int = 0  # positions seen
+    context: Optional[torch.Tensor] = None  # (b, length, dec_dim) the first CCA layer's input states
+    chunks: int = 0  # chunks whose neighbors are encoded
+    cca_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)
+    # per CCA layer index: keys and values (b, chunks, h, k*L, dh) of every encoded chunk's neighbors
+    cca_mask: Optional[torch.Tensor] = None  # (b, chunks, k*L) bool, True = real neighbor token
+    q_rot: tuple[torch.Tensor, ...] = ()  # CCA's rotary tables (see EncodedNeighbors)
+    k_rot: tuple[torch.Tensor, ...] = ()

@@ -16,12 +16,16 @@ same plumbing, and a job should only say what differs (a :class:`TrainTask`: mod
   the whole global batch (each worker scales its summed loss by ``world / global_tokens`` before DDP averages
   the gradients), so 1 and W workers take the same steps up to float rounding, and a resumed run repeats the
   steps of an uninterrupted one.
+* GPU speed: no host synchronisation inside a step (token counts and losses stay on the device until a log
+  row), fused AdamW on CUDA, gradient accumulation over the micro-batches a task splits a step into
+  (:meth:`TrainTask.micro_batches`; DDP syncs gradients once, on the last), bf16 autocast.
 * Metrics: rank 0 appends JSON lines to ``--out/metrics.jsonl``: train rows (step, loss, lr, tokens_per_s) and
   eval rows (step, eval_loss and the task's ablation, e.g. eval_loss_no_retrieval). Rows past the checkpoint a
   run resumes from are dropped first, so the file always describes one history.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -64,6 +68,15 @@ def optimizer_step(model: Any, optimizer: Any, grad_clip: float) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
+def all_reduce_tensor(t: Any) -> Any:
+    """Sum a tensor over all ranks in place, on its device (no host synchronisation); identity on one rank."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
 def import_object(path: str):
     module, _, attr = path.partition(":")
     __import__(module)
@@ -101,7 +114,8 @@ def train_loop(loop_config: dict) -> None:
     groups = task.param_groups(raw_model, cfg.lr)
     for g in groups:
         g["base_lr"] = g["lr"]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
+                                  fused=device.type == "cuda")
     if main is not None:
         optimizer.load_state_dict(main["optimizer"])
     log = MetricsLog(out, step) if rank == 0 else None
@@ -113,8 +127,9 @@ def train_loop(loop_config: dict) -> None:
         return
     cfg_json = json.dumps(redact_record(dataclasses.asdict(cfg)))  # stored in every checkpoint
 
-    window_loss = window_tokens = window_inputs = 0.0
-    window_time = 0.0
+    # loss and label-token sums of the log window, kept on the device (read only when a row is logged)
+    window = torch.zeros(2, dtype=torch.float64, device=device)
+    window_inputs = window_time = 0.0
     batches = task.batches(position)
     model.train()
     while step < cfg.max_steps:
@@ -123,20 +138,27 @@ def train_loop(loop_config: dict) -> None:
         factor = lr_factor(step, cfg)
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * factor
-        local_tokens = task.tokens_in(batch)
-        global_tokens = max(1.0, all_reduce_sum([local_tokens], device)[0])
-        with autocast(cfg, device):
-            loss_sum = task.loss_sum(model, batch)
-        (loss_sum * (world / global_tokens)).backward()
+        micro = task.micro_batches(batch)
+        local_tokens = sum(torch.as_tensor(task.tokens_in(mb), dtype=torch.float64, device=device) for mb in micro)
+        # each rank scales its summed loss by world / global tokens, so DDP's mean of the gradients is the
+        # gradient of the token-weighted mean over the whole global batch (any number of workers or micro-batches)
+        scale = (world / all_reduce_tensor(local_tokens.clone()).clamp(min=1.0)).float()
+        for i, mb in enumerate(micro):
+            sync = i == len(micro) - 1 or not hasattr(model, "no_sync")
+            with (contextlib.nullcontext() if sync else model.no_sync()), autocast(cfg, device):
+                loss_sum = task.loss_sum(model, mb)
+            (loss_sum * scale).backward()
+            window[0] += loss_sum.detach()
+            window_inputs += task.input_tokens(mb)
         optimizer_step(raw_model, optimizer, cfg.grad_clip)
         step += 1
-        window_loss += float(loss_sum.detach())
-        window_tokens += local_tokens
-        window_inputs += task.input_tokens(batch)
+        window[1] += local_tokens
         window_time += time.perf_counter() - t0
 
         last = step == cfg.max_steps
         if step % cfg.log_every == 0 or last:
+            window_loss, window_tokens = window.tolist()
+            window.zero_()
             loss_total, tok_total, inputs_total, time_total = all_reduce_sum(
                 [window_loss, window_tokens, window_inputs, window_time], device)
             times = time_total / world  # mean wall time of the window's steps over the ranks
@@ -147,7 +169,7 @@ def train_loop(loop_config: dict) -> None:
                 log.write(row)
                 print(f"{task.job}: step {step}/{cfg.max_steps} loss {row['loss']:.4f} "
                       f"{row['tokens_per_s']:,.0f} tokens/s", flush=True)
-            window_loss = window_tokens = window_inputs = window_time = 0.0
+            window_inputs = window_time = 0.0
         if (cfg.eval_every and step % cfg.eval_every == 0) or last:
             model.eval()
             with torch.no_grad(), autocast(cfg, device):

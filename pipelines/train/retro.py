@@ -468,40 +468,59 @@ class RetroTask(TrainTask):
         return json.dumps(self.model_dict)
 
     def build_model(self):
+        """The model, with activation checkpointing and torch.compile of its blocks as the run asks."""
         from models.retro import RETRO
 
-        return RETRO(retro_model_config(self.model_dict))
+        model = RETRO(retro_model_config(self.model_dict))
+        model.activation_checkpointing = self.cfg.activation_checkpointing
+        if self.cfg.compile_model:
+            model.compile_blocks()
+        return model
 
     def start_position(self) -> dict:
         return {"epoch": 0, "offset": 0}
 
     def _tensors(self, tok: np.ndarray, ret: np.ndarray):
+        """int64 tensors on the device; on a GPU through pinned memory, copied without blocking the host."""
         import torch
 
         tok, ret = self.compact(tok), self.compact(ret)
-        return (torch.from_numpy(tok.astype(np.int64)).to(self.device),
-                torch.from_numpy(ret.astype(np.int64)).to(self.device))
+        cuda = getattr(self.device, "type", "cpu") == "cuda"
+
+        def move(a: np.ndarray):
+            t = torch.from_numpy(a.astype(np.int64))
+            return t.pin_memory().to(self.device, non_blocking=True) if cuda else t.to(self.device)
+
+        return move(tok), move(ret)
 
     def batches(self, position: dict):
-        for (tok, ret), pos in self.samples.train_batches(position, self.cfg.batch_size, self.rank, self.world):
-            yield self._tensors(tok, ret), pos
+        """This rank's rows of each global batch, made ``--prefetch`` batches ahead in a background thread."""
+        from pipelines.train.prefetch import prefetch
 
-    def tokens_in(self, batch) -> int:
-        return int((batch[0][:, 1:] != 0).sum())
+        rows = self.samples.train_batches(position, self.cfg.batch_size, self.rank, self.world)
+        return prefetch(((self._tensors(tok, ret), pos) for (tok, ret), pos in rows), self.cfg.prefetch)
+
+    def micro_batches(self, batch) -> list:
+        """The rank's rows in ``--grad-accum`` equal slices (views: no copy)."""
+        tok, ret = batch
+        n = self.cfg.grad_accum
+        size = len(tok) // n
+        return [(tok[i * size:(i + 1) * size], ret[i * size:(i + 1) * size]) for i in range(n)]
+
+    def tokens_in(self, batch):
+        return (batch[0][:, 1:] != 0).sum()  # a device tensor: counting does not wait for the device
 
     def input_tokens(self, batch) -> int:
         return int(batch[0][:, :-1].numel())
 
     @staticmethod
-    def _ce_sum(logits, labels):
-        import torch.nn.functional as F
-
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=0,
-                               reduction="sum")
+    def _ce_sum(model, tok, ret):
+        """Summed cross-entropy of tok's next tokens (the model's blocked loss: no float32 logits)."""
+        return model(tok[:, :-1], ret, labels=tok[:, 1:], reduction="sum")
 
     def loss_sum(self, model, batch):
         tok, ret = batch
-        return self._ce_sum(model(tok[:, :-1], ret), tok[:, 1:])
+        return self._ce_sum(model, tok, ret)
 
     def evaluate(self, model) -> dict[str, float]:
         import torch
@@ -510,8 +529,8 @@ class RetroTask(TrainTask):
         with_r = without = n = 0.0
         for tok, ret in iter_batches(self.samples.eval_rows(limit, self.rank, self.world), self.cfg.local_batch_size):
             t, r = self._tensors(tok, ret)
-            with_r += float(self._ce_sum(model(t[:, :-1], r), t[:, 1:]))
-            without += float(self._ce_sum(model(t[:, :-1], torch.zeros_like(r)), t[:, 1:]))
+            with_r += float(self._ce_sum(model, t, r))
+            without += float(self._ce_sum(model, t, torch.zeros_like(r)))
             n += float((t[:, 1:] != 0).sum())
         with_r, without, n = all_reduce_sum([with_r, without, n], self.device)
         if n == 0:

@@ -21,13 +21,31 @@ class RetroTrainConfig(CommonTrainConfig):
     eval_batches: int = option(4, "batches of --batch-size held-out sequences per evaluation")
     shuffle_buffer: int = option(2048, "rows shuffled together (whole sample parts are grouped up to this size)")
     data_partitions: int = option(0, "shuffle partitions of the sample join; 0 = one per seqs part")
+    grad_accum: int = option(1, "micro-batches per step on each worker (gradient accumulation): --batch-size "
+                                "stays the global batch, each worker runs --batch-size / --num-workers / this rows "
+                                "at a time")
+    compile: str = option("auto", "torch.compile the model's blocks: on, off, or auto (on with --use-gpu; on CPU "
+                                  "compiling costs minutes and gains little)")
+    activation_checkpointing: bool = option(False, "recompute each block's activations in the backward pass instead "
+                                                   "of keeping them (less memory for large presets, ~30%% more compute)")
+    prefetch: int = option(2, "batches made ahead in a background thread (0 = none)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.seq_len < 0 or self.num_neighbors < 0 or self.data_partitions < 0:
-            raise ValueError("--seq-len, --num-neighbors and --data-partitions must not be negative")
+        if self.seq_len < 0 or self.num_neighbors < 0 or self.data_partitions < 0 or self.prefetch < 0:
+            raise ValueError("--seq-len, --num-neighbors, --data-partitions and --prefetch must not be negative")
         if self.shuffle_buffer <= 0 or self.eval_batches <= 0:
             raise ValueError("--shuffle-buffer and --eval-batches must be positive")
+        if self.grad_accum <= 0 or self.local_batch_size % self.grad_accum:
+            raise ValueError(f"--grad-accum ({self.grad_accum}) must be positive and divide the per-worker batch "
+                             f"(--batch-size / --num-workers = {self.local_batch_size})")
+        if self.compile not in ("auto", "on", "off"):
+            raise ValueError(f"--compile must be auto, on or off, got {self.compile!r}")
+
+    @property
+    def compile_model(self) -> bool:
+        """Whether the workers torch.compile the model (--compile, auto: on GPU runs)."""
+        return self.compile == "on" or (self.compile == "auto" and self.use_gpu)
 
 
 def run_retro_training(cfg: RetroTrainConfig) -> int:

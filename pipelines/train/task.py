@@ -39,8 +39,12 @@ class TrainTask:
         """This rank's part of each global batch from ``position`` on, with the position after it."""
         raise NotImplementedError
 
+    def micro_batches(self, batch: Any) -> list[Any]:
+        """The micro-batches one step's batch runs as (gradient accumulation); by default the batch itself."""
+        return [batch]
+
     def tokens_in(self, batch: Any) -> int:
-        """Label tokens that count in the loss (not padding)."""
+        """Label tokens that count in the loss (not padding): an int, or a 0-d tensor on the device (no sync)."""
         raise NotImplementedError
 
     def input_tokens(self, batch: Any) -> int:

@@ -164,6 +164,23 @@ def test_resume_continues_exactly(runs):
     assert (saved["precision"], saved["grad_clip"], saved["keep_checkpoints"]) == ("fp32", 0.5, 1)
 
 
+def test_one_worker_with_grad_accum_follows_the_two_worker_curve(runs, build):
+    """DDP's exactness: one worker running the global batch of 4 as 2 micro-batches of 2 (--grad-accum 2, one
+    optimizer step each) takes the steps of two DDP workers with 2 rows each, up to float rounding."""
+    a = runs[0]
+    out = build / "run_accum"
+    out.mkdir()
+    shutil.copytree(a / "retro_samples", out / "retro_samples")
+    args = common(build / "build", out, 6)
+    args[args.index("--num-workers") + 1] = "1"
+    assert run_train(*args, "--grad-accum", "2", "--eval-every", "0", "--checkpoint-every", "0") == 0
+    two = {r["step"]: r["loss"] for r in read_metrics(str(a)) if r["kind"] == "train"}
+    one = {r["step"]: r["loss"] for r in read_metrics(str(out)) if r["kind"] == "train"}
+    assert sorted(one) == [1, 2, 3, 4, 5, 6]
+    assert [one[s] for s in sorted(one)] == pytest.approx([two[s] for s in sorted(one)], rel=1e-5, abs=1e-5)
+    assert one[6] < one[1] - 0.05  # it learned: the steps compared are real updates
+
+
 def test_no_resume_starts_over(runs):
     """--no-resume on an --out that holds a run: the old history and checkpoints go, training starts at step 1."""
     a, _, first, abandoned = runs
@@ -244,6 +261,12 @@ def test_generate_job_with_each_sampling_option(build, runs, capsys):
     assert text and "generate: 24 tokens" in err
     sampled = {generate(capsys, a, data, "--temperature", "1.5", "--seed", str(seed))[0] for seed in (1, 2)}
     assert len(sampled) == 2 and greedy not in sampled  # sampling follows the seed
+    # the key/value cache (the default) gives the tokens of recomputing the whole context, also past
+    # max_seq_len (64) where whole chunks fall off the front and the cache restarts on the new window
+    assert generate(capsys, a, data, "--temperature", "0", "--no-cache")[0] == greedy
+    long_cached, err = generate(capsys, a, data, "--temperature", "0", "--max-tokens", "80", "--device", "cpu")
+    assert "generate: 80 tokens" in err
+    assert generate(capsys, a, data, "--temperature", "0", "--max-tokens", "80", "--no-cache")[0] == long_cached
     _, err = generate(capsys, a, data, "--temperature", "0", "--num-neighbors", "1", "--show-neighbors")
     shown = [line for line in err.splitlines() if line.strip().startswith("neighbor ")]
     assert shown and all(line.strip().startswith("neighbor 0 (chunk ") for line in shown) and "(k=1)" in err
