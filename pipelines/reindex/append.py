@@ -20,13 +20,14 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
+import pyarrow as pa
 import ray
 
 from pipelines.artifacts.lock import OutLock
 from pipelines.artifacts.manifest import MANIFEST_NAME, code_version, read_manifest
 from pipelines.artifacts.storage import Location, exists, read_bytes, remove, remove_tree, write_bytes_atomic
 from pipelines.artifacts.tombstones import FOLDER as TOMBSTONES
-from pipelines.artifacts.tombstones import Tombstones, tombstones_table, write_tombstones_part
+from pipelines.artifacts.tombstones import Tombstones, write_tombstones_part
 from pipelines.artifacts.versions import fingerprint_of
 from pipelines.reindex.scan import CorpusDelta
 from pipelines.stages.build_config import BuildConfig
@@ -71,36 +72,66 @@ def next_part_index(out: Location) -> int:
     return top + 1
 
 
-def plan_append_units(delta: CorpusDelta, first_index: int) -> list[tuple[WorkUnit, list, list[int]]]:
-    """(unit, keep pairs, record offsets) per new part: the items holding selected records, in corpus
-    order, packed until about ``delta.unit_bytes`` of selected text."""
-    by_item: dict[tuple[int, int], list] = {}
-    for s in delta.selected:
-        by_item.setdefault((s.unit, s.item), []).append(s)
-    plans: list[tuple[WorkUnit, list, list[int]]] = []
-    items, keep, offsets, size = [], [], [], 0
-    for (u, i), sel in by_item.items():  # insertion order = corpus order
-        j = len(items)
+@dataclass(frozen=True)
+class AppendUnit:
+    """One new part: the items holding selected records, and where its ``keep`` pairs come from."""
+
+    unit: WorkUnit
+    sources: list[list[int]]  # [scanned unit, item in it, item in the new unit], per item
+    record_offsets: list[int]
+
+
+def plan_append_units(delta: CorpusDelta, first_index: int) -> list[AppendUnit]:
+    """The new parts: the items holding selected records, in corpus order, packed until about
+    ``delta.unit_bytes`` of selected text (from the scan's per-item counts)."""
+    plans: list[AppendUnit] = []
+    items, sources, offsets, size = [], [], [], 0
+    for (u, i), (_, nbytes) in sorted(delta.selected_items.items()):
+        sources.append([u, i, len(items)])
         items.append(delta.units[u].items[i])
         offsets.append(delta.record_offsets[u][i])
-        keep.extend([j, s.position] for s in sel)
-        size += sum(max(s.nbytes, 1) for s in sel)
+        size += nbytes
         if size >= delta.unit_bytes:
-            plans.append((WorkUnit(first_index + len(plans), items), keep, offsets))
-            items, keep, offsets, size = [], [], [], 0
+            plans.append(AppendUnit(WorkUnit(first_index + len(plans), items), sources, offsets))
+            items, sources, offsets, size = [], [], [], 0
     if items:
-        plans.append((WorkUnit(first_index + len(plans), items), keep, offsets))
+        plans.append(AppendUnit(WorkUnit(first_index + len(plans), items), sources, offsets))
     return plans
 
 
+def keep_pairs(sources: list[list[int]], scanned_units: list[int], tables: list) -> frozenset:
+    """(item in the new unit, position) of every selected record; ``tables[n]`` holds the selected rows
+    of ``scanned_units[n]`` from one bucket."""
+    where = {(u, i): j for u, i, j in sources}
+    keep = set()
+    for u, t in zip(scanned_units, tables):
+        for i, p in zip(t.column("item").to_pylist(), t.column("position").to_pylist()):
+            j = where.get((u, i))
+            if j is not None:
+                keep.add((j, p))
+    return frozenset(keep)
+
+
 @ray.remote(num_cpus=1)
-def stage_selected_task(out_url: str, plan: str, unit_json: str, keep: list, settings: TokenizeSettings) -> dict:
+def stage_selected_task(out_url: str, plan: str, unit_json: str, sources: list, scanned_units: list[int],
+                        settings: TokenizeSettings, *tables) -> dict:
+    """Tokenize the selected records of one new unit (``tables``: their rows, per bucket and scanned unit)."""
     from pipelines.artifacts.storage import open_location
 
     unit = WorkUnit.from_dict(json.loads(unit_json))
-    staged = stage_or_load_unit(open_location(out_url), plan, unit, settings, keep=frozenset(map(tuple, keep)))
+    staged = stage_or_load_unit(open_location(out_url), plan, unit, settings,
+                                keep=keep_pairs(sources, scanned_units, list(tables)))
     return {"index": unit.index, "docs": len(staged["doc_chunks"]), "chunks": int(staged["tokens"].shape[0]),
             "reasons": Counter(staged["q_reason"].tolist())}
+
+
+@ray.remote(num_cpus=1)
+def tombstones_task(out_url: str, index: int, *tables) -> dict:
+    """This run's tombstones part: the dead documents of every bucket, by doc_id (one part per run)."""
+    from pipelines.artifacts.storage import open_location
+
+    table = pa.concat_tables(tables).sort_by("doc_id")
+    return write_tombstones_part(open_location(out_url), index, table)
 
 
 def _manifest(old: dict, parts: list[dict], totals: dict, extra: dict) -> dict:
@@ -130,6 +161,14 @@ def apply_pending(out: Location, lock: OutLock) -> bool:
     return True
 
 
+def _stage(out: Location, plan: str, a: AppendUnit, delta: CorpusDelta, settings: TokenizeSettings) -> ray.ObjectRef:
+    """Submit the tokenizing of one new unit with the selected rows of the scanned units it draws from."""
+    scanned = sorted({u for u, _, _ in a.sources})
+    units = [u for _ in delta.selected for u in scanned]
+    tables = [per_unit[u] for per_unit in delta.selected for u in scanned]
+    return stage_selected_task.remote(out.url, plan, json.dumps(a.unit.to_dict()), a.sources, units, settings, *tables)
+
+
 def append_delta(out: Location, lock: OutLock, delta: CorpusDelta, settings: TokenizeSettings, tomb: Tombstones,
                  run_id: str) -> AppendSummary:
     """Tokenize the selected records into new parts, tombstone the dead documents, commit both."""
@@ -143,20 +182,19 @@ def append_delta(out: Location, lock: OutLock, delta: CorpusDelta, settings: Tok
     settings = dataclasses.replace(settings, unit_bytes=delta.unit_bytes)
     units = plan_append_units(delta, first_index)
     tok = load_tokenizer(settings.tokenizer)
-    plan = fingerprint_of({"units": [u.to_dict() for u, _, _ in units], "keep": [k for _, k, _ in units],
+    plan = fingerprint_of({"units": [a.unit.to_dict() for a in units], "selected": delta.fingerprint,
                            "settings": settings.__dict__, "tokenizer": tok.fingerprint, "next": [next_doc, next_chunk],
                            "base_plan": chunks_m.get("plan")})[:16]
 
     entries: list[dict] = []
     reasons: Counter = Counter()
     if units:
-        counts = ray.get([stage_selected_task.remote(out.url, plan, json.dumps(u.to_dict()), k, settings)
-                          for u, k, _ in units])
+        counts = ray.get([_stage(out, plan, a, delta, settings) for a in units])
         counts.sort(key=lambda c: c["index"])
         tasks, d_off, c_off = [], next_doc, next_chunk
-        for (u, _, offsets), c in zip(units, counts):
-            tasks.append(json.dumps({"unit": u.to_dict(), "doc_offset": d_off, "chunk_offset": c_off,
-                                     "record_offsets": offsets}))
+        for a, c in zip(units, counts):
+            tasks.append(json.dumps({"unit": a.unit.to_dict(), "doc_offset": d_off, "chunk_offset": c_off,
+                                     "record_offsets": a.record_offsets}))
             d_off += c["docs"]
             c_off += c["chunks"]
             reasons.update(c["reasons"])
@@ -166,15 +204,13 @@ def append_delta(out: Location, lock: OutLock, delta: CorpusDelta, settings: Tok
         summary.quarantined = sum(reasons.values())
         summary.parts = tuple(e["chunks"]["path"] for e in entries)
 
-    dead = delta.tombstoned()
     tomb_m = read_manifest(out, TOMBSTONES) or {"stage": "reindex", "folder": TOMBSTONES, "parts": [], "config": {},
                                                 "totals": {"documents": 0, "chunks": 0}}
     tomb_entries = []
-    if dead:
-        table = tombstones_table(*zip(*dead))
-        tomb_entries = [write_tombstones_part(out, len(tomb_m["parts"]), table) | {"run": run_id}]
-        summary.tombstoned_documents = len(dead)
-        summary.tombstoned_chunks = sum(d[2] for d in dead)
+    if delta.dead_documents:
+        tomb_entries = [ray.get(tombstones_task.remote(out.url, len(tomb_m["parts"]), *delta.dead)) | {"run": run_id}]
+        summary.tombstoned_documents = delta.dead_documents
+        summary.tombstoned_chunks = delta.dead_chunks
 
     by_reason = Counter(totals.get("quarantined_by_reason", {}))
     by_reason.update(reasons)
@@ -184,7 +220,7 @@ def append_delta(out: Location, lock: OutLock, delta: CorpusDelta, settings: Tok
         "seqs": int(totals.get("seqs", 0)) + summary.seqs,
         "quarantined": int(totals.get("quarantined", 0)) + summary.quarantined,
         "quarantined_by_reason": dict(by_reason),
-        "live_documents": next_doc + summary.documents - len(tomb) - len(dead),
+        "live_documents": next_doc + summary.documents - len(tomb) - delta.dead_documents,
         "live_chunks": next_chunk + summary.chunks - tomb.chunks - summary.tombstoned_chunks,
     })
     extra = {"plan": plan, "reindexed": True, "last_reindex": run_id}

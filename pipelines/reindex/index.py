@@ -11,7 +11,13 @@ the tuned index stays below ``--min-recall``, the quantizers no longer fit the d
 driver rebuilds instead.
 
 Full rebuild: a new index of the same family (or ``--index-key``), trained on a uniform sample of
-the live chunks, with every live chunk added by id; tuned the same way.
+the live chunks, with every live chunk added by id; tuned the same way. It runs distributed like the
+build's (:mod:`pipelines.stages.index_distributed`): the sample is gathered part by part and trained in
+one task, one task per embeddings part adds its live rows to a copy of the trained index (a shard in
+``_build/``), and one task merges the shards in part order (``merge_from``: the same lists, in the same
+order, as adding them one after another) into the single ``knn.index`` that later runs update, then
+tunes it. Only that last task holds the whole index, as the single-file layout needs. A key whose index
+cannot merge (HNSW) is still built in one task.
 
 Either way the version is written like the index stage's (``knn.index``, ``index_infos.json``,
 ``recall_sample.npz``, manifest) so :func:`pipelines.artifacts.versions.open_index` opens it; its manifest's
@@ -30,12 +36,13 @@ import ray
 
 from pipelines.artifacts.embeddings import EmbeddingPart, NpyPart, gather_rows, load_embeddings_info, part_rel
 from pipelines.artifacts.manifest import read_manifest
-from pipelines.artifacts.storage import Location, open_location
+from pipelines.artifacts.storage import Location, open_location, remove_tree
 from pipelines.artifacts.tombstones import Tombstones
 from pipelines.artifacts.versions import fetch_files, file_entry
 from pipelines.reindex.sample import live_sample_ids
 from pipelines.reindex.state import UPDATABLE, updatable
-from pipelines.runtime.procstats import peak_rss_mb
+from pipelines.runtime.procstats import peak_rss_mb, reset_peak_rss
+from pipelines.runtime.ray_session import bounded_as_completed
 from pipelines.search.faiss_index import IndexSettings, faiss_metric, train_index, train_size, write_index_file
 from pipelines.search.knn import ivf_of, use_blas_for_batches
 from pipelines.search.rerank import ExactVectors
@@ -172,9 +179,104 @@ def update_index_task(job: IndexJob, sample: RecallSample) -> dict:
     return result
 
 
+def _with_ids(index):
+    """IVF indices take ids themselves; any other gets an id map (so the chunk ids survive)."""
+    import faiss
+
+    return index if ivf_of(index) is not None else faiss.IndexIDMap2(index)
+
+
+def mergeable(index) -> bool:
+    """Whether shards of this (empty) index can be merged: IVF families and flat indices."""
+    import faiss
+
+    return ivf_of(index) is not None or isinstance(faiss.downcast_index(index), faiss.IndexFlat)
+
+
+def _read_local(out: Location, rel: str):
+    import faiss
+
+    from pipelines.stages.index_distributed import _local_path
+
+    with tempfile.TemporaryDirectory() as d:
+        return faiss.read_index(_local_path(out, rel, d))
+
+
+@ray.remote(num_cpus=1)
+def add_live_part_task(job: IndexJob, part: dict, trained_rel: str, shard_rel: str) -> dict:
+    """One shard: a part's live rows, with their chunk ids, added to a copy of the trained index."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+    reset_peak_rss()
+    out = open_location(job.out_url)
+    index = _with_ids(_read_local(out, trained_rel))
+    for x, ids in _live_blocks(out, EmbeddingPart.from_dict(part), Tombstones.load(out, job.tombstone_parts)):
+        index.add_with_ids(x, ids)
+    write_index_file(out, shard_rel, index)
+    return {"ntotal": int(index.ntotal), "peak_rss_mb": peak_rss_mb()}
+
+
+@ray.remote
+def merge_shards_task(job: IndexJob, sample: RecallSample, trained_rel: str, shard_rels: list[str], added: int) -> dict:
+    """The shards merged in part order into one index, tuned and written (``_finish``)."""
+    import faiss
+
+    start = time.perf_counter()
+    faiss.omp_set_num_threads(job.threads)
+    use_blas_for_batches()
+    out = open_location(job.out_url)
+    index = _with_ids(_read_local(out, trained_rel))
+    for rel in shard_rels:
+        index.merge_from(_read_local(out, rel), 0)
+    if int(index.ntotal) != added:
+        raise RuntimeError(f"{job.folder}: the merged index holds {index.ntotal} vectors, its shards {added}")
+    return _finish(job, out, index, None, sample, job.index_key, start, removed=0, added=added)
+
+
+def full_rebuild(job: IndexJob, sample_ref, concurrency: int) -> dict:
+    """The distributed full rebuild (see the module docstring); returns what ``_finish`` returns, plus
+    ``distributed``: the training rows, add tasks and their peak memory."""
+    import faiss
+
+    from pipelines.stages.index_distributed import gather_part_task, train_task
+
+    out = open_location(job.out_url)
+    info = load_embeddings_info(out, needed_by="the re-index job")
+    tomb = Tombstones.load(out, job.tombstone_parts)
+    empty = faiss.index_factory(job.dim, job.index_key, faiss_metric(job.metric))
+    if not mergeable(empty):
+        return ray.get(full_index_task.options(num_cpus=job.threads).remote(job, sample_ref))
+    build = f"{job.folder}/_build"
+    trained_rel = f"{build}/trained.index"
+    train_rows = 0
+    if empty.is_trained:
+        write_index_file(out, trained_rel, empty)
+    else:
+        ids = live_sample_ids(info.n, info.n, train_size(info.n - tomb.chunks, job.index_key), tomb, f"train:{job.seed}")
+        owner = info.part_of(ids)
+        refs = [gather_part_task.remote(job.out_url, info.parts[p].to_dict(), ids[owner == p] - info.parts[p].offset)
+                for p in np.unique(owner).tolist()]
+        ray.get(train_task.options(num_cpus=job.threads).remote(job.out_url, trained_rel, job.index_key, job.dim,
+                                                                job.metric, refs, job.threads))
+        train_rows = len(ids)
+    parts = [p for p in info.parts if p.rows > 0]
+    shard_rels = [f"{build}/shard-{p.index:05d}.index" for p in parts]
+    shards = dict(bounded_as_completed(lambda i: add_live_part_task.remote(job, parts[i].to_dict(), trained_rel,
+                                                                           shard_rels[i]),
+                                       list(range(len(parts))), concurrency))
+    added = sum(shards[i]["ntotal"] for i in range(len(parts)))
+    result = ray.get(merge_shards_task.options(num_cpus=job.threads).remote(job, sample_ref, trained_rel, shard_rels,
+                                                                            added))
+    remove_tree(out, build)
+    return result | {"distributed": {"train_rows": train_rows, "add_tasks": len(parts),
+                                     "add_task_peak_rss_mb": max((v["peak_rss_mb"] for v in shards.values()), default=0)}}
+
+
 @ray.remote
 def full_index_task(job: IndexJob, sample: RecallSample) -> dict:
-    """A new index over the live chunks: trained on a uniform sample of them, every live chunk added by id."""
+    """A new index over the live chunks in one task (keys whose shards cannot merge): trained on a uniform
+    sample of them, every live chunk added by id."""
     import faiss
 
     start = time.perf_counter()

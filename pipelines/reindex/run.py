@@ -33,7 +33,7 @@ from pipelines.artifacts.storage import Location, check_writable
 from pipelines.artifacts.tombstones import Tombstones
 from pipelines.artifacts.versions import find_complete, fingerprint_of, start_version
 from pipelines.reindex.append import AppendSummary, append_delta, apply_pending, tokenize_settings
-from pipelines.reindex.index import IndexJob, full_index_task, update_index_task, write_version
+from pipelines.reindex.index import IndexJob, full_rebuild, update_index_task, write_version
 from pipelines.reindex.neighbors import NeighborsUpdate, run_reindex_neighbors
 from pipelines.reindex.publish import append_history, now, remove_old_versions
 from pipelines.reindex.sample import live_recall_sample
@@ -68,8 +68,8 @@ class ReindexSummary:
         n = self.neighbors
         return {
             "time": self.started, "seconds": round(self.seconds, 3), "action": self.action, "reason": self.reason,
-            "documents_added": len(d.added) if d else 0, "documents_changed": len(d.changed) if d else 0,
-            "documents_removed": (len(d.removed) + len(d.quarantined)) if d else 0,
+            "documents_added": d.added if d else 0, "documents_changed": d.changed if d else 0,
+            "documents_removed": (d.removed + d.quarantined) if d else 0,
             "documents_unchanged": d.unchanged if d else 0, "quarantined": self.append.quarantined,
             "chunks_added": self.append.chunks, "chunks_tombstoned": self.append.tombstoned_chunks,
             "version": {"index": self.index_version, "neighbors": self.neighbors_version},
@@ -82,8 +82,8 @@ class ReindexSummary:
         d = self.delta
         out = []
         if d is not None:
-            out.append(f"reindex: corpus scanned in {d.seconds:.1f} s: {d.documents_seen} documents, {len(d.added)} added, "
-                       f"{len(d.changed)} changed, {len(d.removed)} removed, {len(d.quarantined)} now quarantined, "
+            out.append(f"reindex: corpus scanned in {d.seconds:.1f} s: {d.documents_seen} documents, {d.added} added, "
+                       f"{d.changed} changed, {d.removed} removed, {d.quarantined} now quarantined, "
                        f"{d.unchanged} unchanged; {d.new_bad} new quarantine records")
             if d.not_read:
                 out.append(f"reindex: {len(d.not_read)} input(s) could not be read ({', '.join(d.not_read[:3])}"
@@ -209,10 +209,14 @@ def update_versions(out: Location, lock: OutLock, base: BaseState, *, index_key:
             return done, read_manifest(out, f"index/{done}"), None, fp
         version, _ = start_version(out, "index", fp)
         job = IndexJob(**{**job.__dict__, "folder": f"index/{version}"})
-        task = update_index_task if mode == "incremental" else full_index_task
-        print(f"reindex: index/{version}: {'updating a copy of ' + base.index_version if mode == 'incremental' else 'full rebuild (' + why + ')'}"
-              f" with {key} in a task of {threads} CPU(s)", flush=True)
-        result = ray.get(task.options(num_cpus=threads).remote(job, sample_ref))
+        if mode == "incremental":
+            print(f"reindex: index/{version}: updating a copy of {base.index_version} with {key} in a task of "
+                  f"{threads} CPU(s)", flush=True)
+            result = ray.get(update_index_task.options(num_cpus=threads).remote(job, sample_ref))
+        else:
+            print(f"reindex: index/{version}: full rebuild ({why}) with {key}: sampled training, one add task per "
+                  f"embeddings part, merged and tuned in a task of {threads} CPU(s)", flush=True)
+            result = full_rebuild(job, sample_ref, concurrency)
         if "drift" in result:
             return version, None, result, fp
         if mode == "incremental":
@@ -225,7 +229,8 @@ def update_versions(out: Location, lock: OutLock, base: BaseState, *, index_key:
         reindex = {"mode": mode, "reason": why, "base_index": base.index_version, "base_neighbors": base.neighbors_version,
                    "chunks_covered": info.n, "tombstone_parts": tomb.parts, "tombstones_fingerprint": tomb.fingerprint,
                    "added": result["added"], "removed": result["removed"],
-                   "index_key_auto": base.key_auto and not index_key, **lineage}
+                   "index_key_auto": base.key_auto and not index_key, **lineage,
+                   **({"distributed": result["distributed"]} if "distributed" in result else {})}
         if result["ntotal"] != info.n - tomb.chunks:
             raise RuntimeError(f"index/{version} holds {result['ntotal']} vectors, but {info.n - tomb.chunks} chunks "
                                "are live; not publishing it")

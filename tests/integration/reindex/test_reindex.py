@@ -543,3 +543,11 @@ def test_ivf_update_reuses_quantizers_then_drift_rebuilds(tmp_path):
     assert m["full_build"] == s2.index_version and m["added_since_full"] == 0
     assert s2.neighbors.rows_researched == 4000 - len(Tombstones.load(out).chunk_ids())
     assert not np.array_equal(before, centroids())  # trained again
+    # distributed like the build's: trained on a sample of the live chunks, one add task per embeddings part,
+    # merged into the one file later runs update
+    from pipelines.search.faiss_index import train_size
+
+    live_now = 4000 - len(Tombstones.load(out).chunk_ids())
+    assert m["distributed"]["add_tasks"] == 4 and m["distributed"]["train_rows"] == train_size(live_now, "IVF16,Flat")
+    assert read_manifest(out, f"index/{s2.index_version}")["index_files"] == ["knn.index"]
+    assert open_index(out).ntotal == live_now and not out.fs.exists(out.path(f"index/{s2.index_version}/_build"))

@@ -195,6 +195,7 @@ def test_full_flag_rebuilds_even_a_tiny_change(shared, tmp_path):
     assert h["chunks_tombstoned"] < 0.1 * sum(n for _, n in documents(out))
     im = assert_full_rebuild(out, s, "--full was given")
     assert im["index_key"] == "Flat" and h["base"]["index"] == base != h["version"]["index"]
+    assert im["reindex"]["distributed"]["add_tasks"] == 2  # one per embeddings part, merged into knn.index
 
 
 def test_shrink_past_max_growth_rebuilds(shared, tmp_path):
