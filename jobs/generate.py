@@ -10,6 +10,12 @@ On a Ray cluster (it runs on the driver; the index and checkpoint are read from 
     ray job submit --working-dir . -- python -m jobs.generate \\
         --checkpoint s3://my-bucket/runs/retro1 --data s3://my-bucket/builds/v1 --prompt "Once upon a time"
 
+Through a running `python -m jobs.serve` service instead of loading the index and encoder here (the chunk is
+sent as text; the service's neighbors come back without their continuation chunk):
+
+    python -m jobs.generate --checkpoint ./artifacts/retro --data ./artifacts/demo \\
+        --retrieval-url http://127.0.0.1:8000 --prompt "To be, or not to be"
+
 How retrieval works (RETRO's rule): every time a chunk of chunk_size tokens completes (in the prompt or in
 the generated text), it is embedded with the encoder the build used (the embeddings manifest names it), the
 index LATEST names is searched for its k nearest chunks, and each neighbor's tokens plus its continuation

@@ -16,7 +16,8 @@ class GenerateConfig:
     """Options of `python -m jobs.generate`."""
 
     checkpoint: str = option("", "a RETRO checkpoint folder, or the --out of jobs.train_retro (its newest checkpoint); required")
-    data: str = option("", "the build to retrieve from (its LATEST index, chunks/ and encoder); required")
+    data: str = option("", "the build to retrieve from (its LATEST index, chunks/ and encoder); required unless "
+                           "--retrieval-url")
     prompt: str = option("", "text to continue; empty starts from [CLS]")
     max_tokens: int = option(64, "tokens to generate")
     temperature: float = option(1.0, "sampling temperature; 0 = greedy")
@@ -27,10 +28,19 @@ class GenerateConfig:
     stop_at_sep: bool = option(True, "stop at the end-of-document token [SEP]")
     precision: str = option("bf16", "bf16 (autocast) or fp32")
     show_neighbors: bool = option(False, "print each retrieved neighbor's text to stderr")
+    device: str = option("auto", "where the model runs: cuda, cpu, or auto (cuda when a GPU is visible)")
+    cache: bool = option(True, "keep the decoder's keys and values between tokens (a token costs one position); "
+                               "--no-cache recomputes the whole context for every token")
+    retrieval_url: str = option("", "retrieve through a running jobs.serve service (http://host:port) instead of "
+                                    "loading the index; --data is then optional (it names the tokenizer and k)")
 
     def __post_init__(self) -> None:
-        if not self.checkpoint or not self.data:
-            raise ValueError("--checkpoint and --data are required")
+        if not self.checkpoint or not (self.data or self.retrieval_url):
+            raise ValueError("--checkpoint and --data (or --retrieval-url) are required")
+        if self.retrieval_url and not self.retrieval_url.startswith(("http://", "https://")):
+            raise ValueError(f"--retrieval-url must be an http:// or https:// URL, got {self.retrieval_url!r}")
+        if self.retrieval_url and not self.data and not self.num_neighbors:
+            raise ValueError("--retrieval-url without --data needs --num-neighbors (the build's k is in its LATEST)")
         if self.max_tokens <= 0:
             raise ValueError(f"--max-tokens must be positive, got {self.max_tokens}")
         if self.temperature < 0 or self.top_k < 0 or self.num_neighbors < 0:
@@ -39,6 +49,18 @@ class GenerateConfig:
             raise ValueError(f"--top-p must lie in (0, 1], got {self.top_p}")
         if self.precision not in ("bf16", "fp32"):
             raise ValueError(f"--precision must be bf16 or fp32, got {self.precision!r}")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"--device must be auto, cuda or cpu, got {self.device!r}")
+
+    def torch_device(self):
+        """The torch device --device names; cuda without a visible GPU is a one-line error."""
+        import torch
+
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no GPU is visible to torch here")
+        return torch.device(self.device)
 
 
 class ChunkRetriever:
@@ -93,10 +115,14 @@ class RetroGenerator:
     """Autoregressive sampling with retrieval at chunk boundaries; ``retrievals`` records where it retrieved."""
 
     def __init__(self, model, retrieve: Callable[[np.ndarray], np.ndarray], *, chunk_size: int, max_seq_len: int,
-                 pad_id: int = 0, sep_id: int = 102, precision: str = "bf16", vocab=None):
-        self.model, self.retrieve, self.vocab = model.eval(), retrieve, vocab  # vocab: a TokenMap, or None
+                 pad_id: int = 0, sep_id: int = 102, precision: str = "bf16", vocab=None, device=None,
+                 use_cache: bool = True):
+        import torch
+
+        self.device = torch.device(device or "cpu")
+        self.model, self.retrieve, self.vocab = model.eval().to(self.device), retrieve, vocab  # vocab: a TokenMap
         self.c, self.max_seq_len, self.pad_id, self.sep_id = chunk_size, max_seq_len, pad_id, sep_id
-        self.precision = precision
+        self.precision, self.use_cache = precision, use_cache
         self.retrievals: list[int] = []  # sequence length at each retrieval (the end of the chunk retrieved for)
 
     def _model_ids(self, tokens: np.ndarray) -> np.ndarray:
@@ -115,13 +141,23 @@ class RetroGenerator:
         c = self.c
         retrieved = [self._retrieve_chunk(tokens, (j + 1) * c) for j in range(len(tokens) // c)]
         gen = torch.Generator().manual_seed(seed)
+        cache, cache_start = None, -1
         for i in range(max_tokens):
             start = max(0, -(-(len(tokens) - self.max_seq_len) // c) * c)  # whole chunks fall off the front
-            ctx = torch.from_numpy(self._model_ids(np.asarray([tokens[start:]])))
-            chunks = retrieved[start // c: start // c + ctx.shape[1] // c]
-            ret = torch.from_numpy(self._model_ids(np.stack(chunks)))[None] if chunks else None  # (1, R, k, 2c)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-                logits = self.model.next_token_logits(ctx, ret)[0].float()  # (V,)
+            window = len(tokens) - start
+            chunks = retrieved[start // c: start // c + window // c]
+            ret = (torch.from_numpy(self._model_ids(np.stack(chunks)))[None].to(self.device)
+                   if chunks else None)  # (1, R, k, 2c)
+            if self.use_cache and cache_start != start:  # a new window: its positions restart at 0
+                cache, cache_start = self.model.new_cache(), start
+            fed = cache.length if self.use_cache else 0  # positions the cache already holds
+            ctx = torch.from_numpy(self._model_ids(np.asarray([tokens[start + fed:]]))).to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                if self.use_cache:
+                    logits = self.model.extend(cache, ctx, ret)[0].float()  # (V,)
+                else:
+                    logits = self.model.next_token_logits(ctx, ret)[0].float()  # (V,)
+            logits = logits.cpu()
             logits[self.pad_id] = float("-inf")
             if temperature == 0:
                 nxt = int(logits.argmax())
@@ -169,19 +205,27 @@ def run_generate(cfg: GenerateConfig) -> int:
     from pipelines.text.tokenizer import load_tokenizer
 
     try:
+        device = cfg.torch_device()
         model, mcfg, folder, vocab = load_retro(cfg.checkpoint)
-        retriever = ChunkRetriever(cfg.data, cfg.num_neighbors)
-        if retriever.reader.chunk_size != mcfg["chunk_size"]:
-            raise ValueError(f"the model reads chunks of {mcfg['chunk_size']} tokens, the build has "
-                             f"{retriever.reader.chunk_size}")
-        tok = load_tokenizer(retriever.reader.tokenizer.get("name", "packaged:all-MiniLM-L6-v2"))
+        if cfg.retrieval_url:
+            from pipelines.inference.remote_retrieval import connect_retriever
+
+            retriever = connect_retriever(cfg.retrieval_url, cfg.data, cfg.num_neighbors, mcfg["chunk_size"])
+            tok = retriever.tokenizer
+        else:
+            retriever = ChunkRetriever(cfg.data, cfg.num_neighbors)
+            if retriever.reader.chunk_size != mcfg["chunk_size"]:
+                raise ValueError(f"the model reads chunks of {mcfg['chunk_size']} tokens, the build has "
+                                 f"{retriever.reader.chunk_size}")
+            tok = load_tokenizer(retriever.reader.tokenizer.get("name", "packaged:all-MiniLM-L6-v2"))
         if vocab is None and tok.vocab_size > mcfg["num_tokens"]:
             raise ValueError(f"the build's tokenizer has {tok.vocab_size} tokens, the model {mcfg['num_tokens']}")
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     ids = tok.tokenizer.encode(cfg.prompt, add_special_tokens=True).ids[:-1] if cfg.prompt else [tok.cls_id]
     gen = RetroGenerator(model, retriever, chunk_size=mcfg["chunk_size"], max_seq_len=mcfg["max_seq_len"],
-                         pad_id=mcfg["pad_id"], sep_id=tok.sep_id, precision=cfg.precision, vocab=vocab)
+                         pad_id=mcfg["pad_id"], sep_id=tok.sep_id, precision=cfg.precision, vocab=vocab,
+                         device=device, use_cache=cfg.cache)
     if cfg.show_neighbors:
         inner = gen.retrieve
 

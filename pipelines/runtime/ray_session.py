@@ -22,6 +22,20 @@ WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFO
               "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
+# Loggers whose warnings a local instance repeats without meaning anything: Ray Train's placement-group cleaner
+# (a detached actor) asks the State API, which the dashboard serves and a local instance does not start, whether
+# the controller still lives, and warns every second that it cannot. Their errors still show;
+# RETROFORGE_RAY_LOGS=1 keeps every Ray log line.
+QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+AUTH_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def quiet_worker_logs() -> None:
+    """Worker setup hook of a local instance: :data:`QUIET_LOGGERS` at ERROR."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Start or join Ray once per process; quiet by default (Ray Data still shows progress bars)."""
     if ray.is_initialized():
@@ -32,6 +46,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address, runtime_env=env, logging_level=logging.WARNING, log_to_driver=True)
         return
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    if os.environ.get("RETROFORGE_RAY_LOGS") != "1":
+        env["worker_process_setup_hook"] = quiet_worker_logs
+        # a new local instance turns Ray's token auth on (kept: cluster.yaml does too) and warns that it did, each run
+        logging.getLogger(AUTH_SETUP_LOGGER).setLevel(logging.ERROR)
     ray.init(
         # "local": a new instance even when a `ray start` cluster on this machine left its address in Ray's
         # temp dir (ray.init() would join it, or fail on a stale one); clusters are joined only when asked
