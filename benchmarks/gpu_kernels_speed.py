@@ -18,59 +18,23 @@ Imports torch, triton (through models) and numpy only: it runs on a GPU machine 
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
-import statistics
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import models.pkm as pkm_module  # noqa: E402
+from benchmarks.gpu_timing import bf16_peak_tflops, device_main, time_ms  # noqa: E402
 from models.knn_config import KNNMemoryConfig  # noqa: E402
 from models.pkm import PKMConfig, ProductKeyMemory  # noqa: E402
 from models.topk_matmul import matmul_topk  # noqa: E402
 from models.triton_support import kernels_run_on  # noqa: E402
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
-    """Median wall time of ``fn`` in ms, the device synchronised around each call."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
-
-
-def bf16_peak_tflops(device: torch.device, n: int, repeats: int) -> float:
-    """Dense bf16 matmul throughput measured with a loop of (n x n) @ (n x n) products."""
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    loops = 10
-
-    def body() -> None:
-        for _ in range(loops):
-            torch.mm(a, b)
-
-    ms = time_ms(body, device, repeats)
-    return 2 * n**3 * loops / (ms / 1000) / 1e12
 
 
 def knn_search(device: torch.device, rows: int, entries: int, dim: int, queries: int, k: int,
@@ -171,16 +135,14 @@ def run(device: str, small: bool) -> dict:
     if small:
         search = dict(rows=2, entries=512, dim=16, queries=64, k=8)
         pkm_shapes = [dict(batch=2, seq=16, dim=32, num_keys=16, topk=4, heads=2)]
-        peak_n = 256
     else:
         search = dict(rows=4, entries=65536, dim=64, queries=4096, k=32)
         pkm_shapes = [dict(batch=4, seq=512, dim=512, num_keys=256, topk=32, heads=4),
                       dict(batch=32, seq=2048, dim=1024, num_keys=256, topk=32, heads=4)]
-        peak_n = 8192
     result: dict = {"benchmark": "gpu_kernels_speed", "device": device, "small": small}
     if dev.type == "cuda":
         result["gpu"] = torch.cuda.get_device_name(dev)
-    peak = bf16_peak_tflops(dev, peak_n, repeats)
+    peak = bf16_peak_tflops(dev, small)
     result["bf16_matmul_peak_tflops"] = round(peak, 3)
     result["knn_search"] = knn_search(dev, repeats=repeats, **search)
     result["knn_search"]["fused_bf16_fraction_of_peak"] = round(result["knn_search"]["fused_bf16_tflops"] / peak, 4)
@@ -197,11 +159,7 @@ def run(device: str, small: bool) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--small", action="store_true", help="toy sizes, seconds on a CPU")
-    args = ap.parse_args()
-    print(json.dumps(run(args.device, args.small), indent=2))
+    device_main(run, __doc__.splitlines()[0], "benchmarks/results/gpu_kernels_speed.json")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ Imports only torch, numpy, models/ and pipelines.search.torch_* (no Ray, no fais
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import sys
@@ -25,6 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.gpu_timing import device_main, sync  # noqa: E402
 from models.topk_matmul import matmul_topk  # noqa: E402
 from pipelines.search.torch_kmeans import kmeans  # noqa: E402
 from pipelines.search.torch_scan import Coarse, DeviceLists, search  # noqa: E402
@@ -39,11 +38,6 @@ TIMED_QUERIES = 1 << 21
 RECALL_SAMPLE = 1000
 TRAIN_PER_LIST = 50
 K = 2
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 class Synthetic:
@@ -140,13 +134,13 @@ def run_size(n: int, dim: int, dev: torch.device, nprobe: int, timed: int, query
     gen = torch.Generator().manual_seed(1)
     train_ids = torch.sort(torch.randperm(n, generator=gen)[:min(n, nlist * TRAIN_PER_LIST)]).values.to(dev)
     sample = data.rows(train_ids).float()
-    _sync(dev)
+    sync(dev)
     km = kmeans(sample, nlist, iterations=10, seed=0, dtype=torch.bfloat16 if dev.type == "cuda" else None)
     del sample
     coarse = Coarse(km.centroids, "l2")
     t = time.perf_counter()
     lists = build_lists(data, coarse, dtype)
-    _sync(dev)
+    sync(dev)
     build_s = time.perf_counter() - t
     sizes_all = torch.zeros(nlist, dtype=torch.long, device=dev)
     sizes_all[lists.lists] = lists.sizes
@@ -158,10 +152,10 @@ def run_size(n: int, dim: int, dev: torch.device, nprobe: int, timed: int, query
         qids = torch.arange(start, min(n, start + query_block), device=dev)
         q = data.rows(qids)
         need = torch.full((len(qids),), DOC_CHUNKS + K, device=dev)
-        _sync(dev)
+        sync(dev)
         t = time.perf_counter()
         search([lists], coarse, q.float(), qids // DOC_CHUNKS, need, sizes_all, nprobe=nprobe, k=K)
-        _sync(dev)
+        sync(dev)
         scan_s += time.perf_counter() - t
         searched += len(qids)
         probes = coarse.probes(q.float(), nprobe)
@@ -200,11 +194,7 @@ def run(device: str, small: bool) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--small", action="store_true", help="toy sizes (any device)")
-    args = ap.parse_args()
-    print(json.dumps(run(args.device, args.small), indent=2))
+    device_main(run, __doc__.splitlines()[0], "benchmarks/results/gpu_neighbors_speed.json")
 
 
 if __name__ == "__main__":

@@ -27,9 +27,7 @@ Imports only torch, numpy and models/ (no Ray, no faiss). Prints one JSON object
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import json
 import platform
 import sys
 import time
@@ -41,6 +39,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from benchmarks.gpu_timing import bf16_peak_tflops, device_main, sync  # noqa: E402
 from models.retro import RETRO, RetroConfig, retro_config  # noqa: E402
 
 NEIGHBORS = 2
@@ -87,30 +86,6 @@ def _seed_model(cfg: RetroConfig) -> Optional[torch.nn.Module]:
                           dim_head=cfg.dim_head, chunk_size=cfg.chunk_size)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measured_peak_tflops(device: torch.device, small: bool) -> float:
-    """bf16 matmul TFLOP/s measured on this device (a square matmul, the best of several timed runs)."""
-    n = 1024 if small else 8192
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    reps = 3 if small else 50
-    best = float("inf")
-    for _ in range(3):
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        _sync(device)
-        best = min(best, (time.perf_counter() - t0) / reps)
-    return 2 * n ** 3 / best / 1e12
-
-
 def flops_per_step(cfg: RetroConfig, params: int, batch: int, seq_len: int) -> dict[str, float]:
     """The issue's 6 x parameters x tokens, and the attention FLOPs on top (see the module docstring)."""
     tokens = batch * seq_len
@@ -147,11 +122,11 @@ def train_tokens_per_s(model: torch.nn.Module, cfg: RetroConfig, batch: int, seq
     t0 = time.perf_counter()
     for _ in range(warmup):
         step()
-    _sync(device)
+    sync(device)
     warm_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     losses = [step() for _ in range(steps)]
-    _sync(device)
+    sync(device)
     seconds = time.perf_counter() - t0
     out = {"tokens_per_s": round(batch * seq_len * steps / seconds, 1), "step_s": round(seconds / steps, 4),
            "warmup_s": round(warm_s, 1), "loss": round(float(losses[-1]), 4)}
@@ -169,7 +144,7 @@ def generation_tokens_per_s(model: RETRO, new_tokens: int, device: torch.device,
     table = torch.randint(1, cfg.num_tokens, (1, cfg.max_seq_len // c, NEIGHBORS, 2 * c), generator=g).to(device)
     model = model.to(device).eval()
     cache = model.new_cache() if cached else None
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     with torch.autocast(device.type, dtype=torch.bfloat16):
         for _ in range(new_tokens):
@@ -180,7 +155,7 @@ def generation_tokens_per_s(model: RETRO, new_tokens: int, device: torch.device,
             else:
                 logits = model.next_token_logits(tokens, ret)
             tokens = torch.cat((tokens, logits.argmax(-1, keepdim=True)), dim=1)
-    _sync(device)
+    sync(device)
     return round(new_tokens / (time.perf_counter() - t0), 1)
 
 
@@ -236,7 +211,7 @@ def run(device: str, small: bool) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     steps, warmup = (2, 1) if small else (20, 5)
-    peak = measured_peak_tflops(dev, small)
+    peak = bf16_peak_tflops(dev, small)
     rows = []
     for row in _rows(small):
         cfg = _config(row)
@@ -282,17 +257,7 @@ def run(device: str, small: bool) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--small", action="store_true", help="toy sizes and 2 steps: checks the script runs")
-    p.add_argument("--out", default=str(REPO / "benchmarks/results/gpu_retro_speed.json"))
-    args = p.parse_args()
-    result = run(args.device, args.small)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if not args.small:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    device_main(run, __doc__.split("\n\n")[0], str(REPO / "benchmarks/results/gpu_retro_speed.json"))
 
 
 if __name__ == "__main__":
