@@ -19,7 +19,7 @@ from pipelines.artifacts.manifest import read_manifest, require_manifest
 from pipelines.artifacts.parquet import read_table
 from pipelines.artifacts.storage import Location
 from pipelines.artifacts.tombstones import FOLDER as TOMBSTONES
-from pipelines.artifacts.versions import NeighborsReader, complete_versions, resolve_latest
+from pipelines.artifacts.versions import NeighborsReader, complete_versions, index_infos, resolve_latest
 from pipelines.reindex.publish import read_history
 from pipelines.runtime.redact import redact
 from pipelines.text.tokenizer import load_tokenizer
@@ -148,23 +148,13 @@ def stage_rows(data: Location, latest: dict) -> list[StageRow]:
         counts = {k: v for k, v in m.get("totals", {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         seconds, estimated = None, False
         if stage == "index":
-            infos = _index_infos(data, folder)
-            seconds = infos.get("build_seconds")
+            seconds = index_infos(data, latest["index"]).get("build_seconds")
         if seconds is None and previous is not None and finished:
             seconds, estimated = max(0.0, _epoch(finished) - previous), True
         if finished:
             previous = _epoch(finished)
         rows.append(StageRow(stage, folder, finished, seconds, estimated, counts))
     return rows
-
-
-def _index_infos(data: Location, folder: str) -> dict:
-    import json
-
-    from pipelines.artifacts.storage import exists, read_bytes
-
-    rel = f"{folder}/index_infos.json"
-    return json.loads(read_bytes(data, rel)) if exists(data, rel) else {}
 
 
 def source_rows(data: Location, limit: int) -> tuple[list[SourceRow], int]:
@@ -205,7 +195,7 @@ def quarantine_reasons(data: Location, max_rows: int) -> list[QuarantineReason]:
 
 def index_summary(data: Location, version: str) -> IndexSummary:
     m = require_manifest(data, f"index/{version}", "the report")
-    infos = _index_infos(data, f"index/{version}")
+    infos = index_infos(data, version)
     totals = m.get("totals", {})
     return IndexSummary(
         version=version, key=m.get("index_key", "?"), key_reason=m.get("key_reason", ""), metric=m.get("metric", "l2"),

@@ -42,8 +42,8 @@ from pipelines.artifacts.parquet import read_table
 from pipelines.artifacts.storage import Location, open_location
 from pipelines.artifacts.tombstones import Tombstones
 from pipelines.runtime.redact import redact
-from pipelines.stages.tokenize import TokenizeSettings, _record_offsets, _source, auto_unit_bytes
-from pipelines.text.corpus import WorkUnit, list_corpus, plan_units
+from pipelines.stages.tokenize import TokenizeSettings, auto_unit_bytes
+from pipelines.text.corpus import WorkUnit, list_corpus, plan_units, record_offsets, source_of
 from pipelines.text.readers import NOT_READ, read_item
 
 IN_PROCESS_SCAN_BYTES = 16 << 20
@@ -104,7 +104,7 @@ def split_by_bucket(table: pa.Table, sources: list[str], buckets: int) -> list[p
 def name_records(unit: WorkUnit, offsets: list[int], records: pa.Table, buckets: int) -> list:
     """[not-read sources, then one table per bucket]: the unit's records named by their source."""
     items = unit.items
-    sources = [_source(items[i].url, items[i].fmt, p + offsets[i] if p >= 0 else p)
+    sources = [source_of(items[i].url, items[i].fmt, p + offsets[i] if p >= 0 else p)
                for i, p in zip(records.column("item").to_pylist(), records.column("position").to_pylist())]
     not_read = [s for s, r in zip(sources, records.column("reason").to_pylist()) if r in NOT_READ]
     named = pa.Table.from_arrays([pa.array(sources, pa.string()), pa.array([unit.index] * len(sources), pa.int32()),
@@ -317,7 +317,7 @@ def scan_corpus(out: Location, corpus: list[str], settings: TokenizeSettings, to
     else:
         refs = [scan_unit_task.remote(j, settings.text_field, settings.max_doc_bytes) for j in unit_json]
         counts, records = ray.get([r[0] for r in refs]), [r[1] for r in refs]
-    offsets = _record_offsets(units, [c["item_records"] for c in counts])
+    offsets = record_offsets(units, [c["item_records"] for c in counts])
 
     # 2. name and bucket: the corpus' records, the live documents, the quarantine rows recorded before
     n = buckets + 1

@@ -12,7 +12,7 @@ import os
 import re
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -135,7 +135,6 @@ def train_index(index, x: np.ndarray) -> None:
     (faiss' ``two_level_clustering``: sqrt(nlist) clusters, each split in proportion to its size),
     which costs about 2 sqrt(nlist) instead of nlist distance computations per point and iteration:
     at 16,384 lists, 64x less work, so training stays minutes where flat k-means takes hours."""
-    import faiss
     from faiss.contrib.clustering import two_level_clustering
 
     from pipelines.search.knn import ivf_of
@@ -144,6 +143,18 @@ def train_index(index, x: np.ndarray) -> None:
     if ivf is None or ivf.nlist < TWO_LEVEL_MIN_LISTS or ivf.is_trained:
         index.train(x)
         return
+    train_with_centroids(index, x, lambda xt, nlist, _spherical: two_level_clustering(xt, int(math.sqrt(nlist)), nlist)[0])
+
+
+def train_with_centroids(index, x: np.ndarray, centroids_of: Callable[[np.ndarray, int, bool], np.ndarray]) -> None:
+    """Train an untrained IVF ``index`` whose coarse centroids come from ``centroids_of(xt, nlist,
+    spherical)``: its pre-transforms first (``xt`` is ``x`` through them), then the quantizer filled
+    with those centroids, then whatever the codes need (PQ, SQ) from faiss."""
+    import faiss
+
+    from pipelines.search.knn import ivf_of
+
+    ivf = ivf_of(index)
     top = faiss.downcast_index(index)
     xt = x
     if isinstance(top, faiss.IndexPreTransform):
@@ -151,7 +162,7 @@ def train_index(index, x: np.ndarray) -> None:
             vt = top.chain.at(i)
             vt.train(xt)
             xt = vt.apply(xt)
-    centroids, _ = two_level_clustering(xt, int(math.sqrt(ivf.nlist)), ivf.nlist)
+    centroids = centroids_of(xt, int(ivf.nlist), ivf.metric_type == faiss.METRIC_INNER_PRODUCT)
     ivf.quantizer.train(centroids)
     ivf.quantizer.add(centroids)
     ivf.train(xt)  # the quantizer is full: this trains only what the codes need (PQ, SQ)

@@ -74,5 +74,15 @@ def has_routing_files(out: Location, folder: str) -> bool:
     return all(exists(out, f"{folder}/{name}") for name in ROUTING_FILES)
 
 
-def read_list_sizes(out: Location, folder: str) -> np.ndarray:
-    return np.load(io.BytesIO(read_bytes(out, f"{folder}/{LIST_SIZES_FILE}")))
+def read_routing_quantizer(out: Location, folder: str) -> tuple[RoutingQuantizer | None, bytes]:
+    """The routing view the index stage wrote into ``folder`` and the quantizer file's bytes, or
+    (None, b"") for an index version without routing files (not IVF, or older than them)."""
+    import faiss
+
+    if not has_routing_files(out, folder):
+        return None, b""
+    data = read_bytes(out, f"{folder}/{QUANTIZER_FILE}")
+    quantizer = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    inner = faiss.downcast_index(quantizer.index if isinstance(quantizer, faiss.IndexPreTransform) else quantizer)
+    sizes = np.load(io.BytesIO(read_bytes(out, f"{folder}/{LIST_SIZES_FILE}")))
+    return RoutingQuantizer(quantizer, sizes, inner.reconstruct_n(0, inner.ntotal)), data

@@ -3,6 +3,7 @@ parameters whose filtered neighbor recall@k reaches the target on it (see :mod:`
 from __future__ import annotations
 
 import io
+import re
 import time
 from dataclasses import dataclass
 
@@ -120,6 +121,14 @@ def search_candidates(index, key: str) -> list[str]:
     if "HNSW" in key:
         return [f"efSearch={e}" for e in (16, 32, 64, 128, 256, 512, 1024, 2048)]
     return [""]
+
+
+def parse_search_params(index_param: str) -> tuple[int, int]:
+    """(nprobe, quantizer_efSearch) of a parameter string that :func:`search_candidates` made; (1, 0)
+    where absent (a flat index has one list, no graph)."""
+    nprobe = re.search(r"nprobe=(\d+)", index_param or "")
+    ef = re.search(r"quantizer_efSearch=(\d+)", index_param or "")
+    return (int(nprobe.group(1)) if nprobe else 1), (int(ef.group(1)) if ef else 0)
 
 
 def rerank_choices(settings: IndexSettings, lossy: bool) -> list[int]:

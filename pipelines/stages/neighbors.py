@@ -31,10 +31,11 @@ from pipelines.runtime.ray_session import max_node_cpus
 from pipelines.search.knn import search_neighbors, use_blas_for_batches
 from pipelines.search.rerank import ExactVectors
 from pipelines.search.routing import check_search_mode
+from pipelines.search.tuning import parse_search_params
 from pipelines.stages.neighbors_parts import commit_part, committed_part, sample_recall
 from pipelines.stages.neighbors_routed import WORK as ROUTED_WORK
 from pipelines.stages.neighbors_routed import run_routed, wants_routed
-from pipelines.stages.neighbors_torch import nprobe_of, run_torch, search_device, torch_unsupported
+from pipelines.stages.neighbors_torch import load_coarse, run_torch, search_device
 
 QUERY_BLOCK_ROWS = 8192
 MIN_ROWS_PER_ACTOR = 50_000  # fewer rows per actor cost more in process start-up than they save
@@ -205,7 +206,7 @@ def run_neighbors(*, out: Location, index_version: str | None = None, k: int = 2
                          "rerun the index stage")
     check_search_mode(search, shard_memory)
     device = search_device(gpus_per_worker, torch_device)
-    why_not = torch_unsupported(out, index_version, im["metric"]) if device else ""
+    coarse, why_not = load_coarse(out, index_version, im["metric"]) if device else (None, "")
     if why_not:
         print(f"neighbors: not on {device}: {why_not}; searching on CPUs", flush=True)
         device = ""
@@ -229,8 +230,8 @@ def run_neighbors(*, out: Location, index_version: str | None = None, k: int = 2
 
     parts = list(info.parts)
     if device:
-        trun = run_torch(out, info, folder=folder, index_version=index_version,
-                         nprobe=nprobe_of(im.get("index_param", "")), k=k, metric=im["metric"], device=device,
+        trun = run_torch(out, info, folder=folder, spec=coarse,
+                         nprobe=parse_search_params(im.get("index_param", ""))[0], k=k, metric=im["metric"], device=device,
                          gpus=gpus_per_worker, shard_memory=shard_memory,
                          concurrency=concurrency or max(1, int(ray.cluster_resources().get("CPU", 1))))
         entries, n_actors, cpus, busy = trun.entries, trun.tasks, 0, trun.scan_seconds

@@ -20,9 +20,7 @@ index compresses to. ``_routed/`` is removed once the version's manifest is writ
 """
 from __future__ import annotations
 
-import io
 import json
-import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import ray
 
+from pipelines.artifacts.arrays import read_arrays, write_arrays
 from pipelines.artifacts.embeddings import DocBounds, EmbeddingPart, EmbeddingsInfo, NpyPart, part_rel, read_part_ids
 from pipelines.artifacts.manifest import part_name
 from pipelines.artifacts.storage import Location, exists, open_location, read_bytes, write_bytes_atomic
@@ -48,7 +47,8 @@ from pipelines.search.routing import (
     scores_to_distances,
     shard_bytes_per_vector,
 )
-from pipelines.search.routing_quantizer import QUANTIZER_FILE, has_routing_files, read_list_sizes, routing_quantizer
+from pipelines.search.routing_quantizer import read_routing_quantizer, routing_quantizer
+from pipelines.search.tuning import parse_search_params
 from pipelines.stages.neighbors_parts import commit_part, committed_part
 
 SCAN_BLOCK_ROWS = 4096  # queries scanned at once in a shard
@@ -99,17 +99,6 @@ class RoutedJob:
         return f"{self.work}/done/{step}-{unit:05d}.json"
 
 
-def _save(out: Location, rel: str, **arrays) -> None:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    write_bytes_atomic(out, rel, buf.getvalue())
-
-
-def _load(out: Location, rel: str) -> dict:
-    with np.load(io.BytesIO(read_bytes(out, rel))) as z:
-        return {name: z[name] for name in z.files}
-
-
 def _cat(arrays: list[np.ndarray], dtype, dim: int = 0) -> np.ndarray:
     """Concatenate, or an empty array of the right shape when there is nothing."""
     if arrays:
@@ -127,26 +116,15 @@ def _mark_done(out: Location, job: RoutedJob, step: str, unit: int, record: dict
     return record
 
 
-def _search_params(index_param: str) -> tuple[int, int]:
-    nprobe = re.search(r"nprobe=(\d+)", index_param or "")
-    ef = re.search(r"quantizer_efSearch=(\d+)", index_param or "")
-    return (int(nprobe.group(1)) if nprobe else 1), (int(ef.group(1)) if ef else 0)
-
-
 def stage_quantizer(out: Location, index_version: str, rel: str, dim: int) -> tuple[np.ndarray | None, np.ndarray | None]:
     """The coarse quantizer behind the index's pre-transform, as one small index file at ``rel``,
     plus the list sizes and centroids the shard plan needs. Returns (None, None) when not an IVF.
     Reads the routing files the index stage wrote beside the index (small); only a build older than
     them opens the index itself."""
-    import faiss
-
-    folder = f"index/{index_version}"
-    if has_routing_files(out, folder):
-        data = read_bytes(out, f"{folder}/{QUANTIZER_FILE}")
+    routing, data = read_routing_quantizer(out, f"index/{index_version}")
+    if routing is not None:
         write_bytes_atomic(out, rel, data)
-        quantizer = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
-        inner = faiss.downcast_index(quantizer.index if isinstance(quantizer, faiss.IndexPreTransform) else quantizer)
-        return read_list_sizes(out, folder), inner.reconstruct_n(0, inner.ntotal)
+        return routing.list_sizes, routing.centroids
     routing = routing_quantizer(open_index(out, index_version, mmap=True), dim)
     if routing is None:
         return None, None
@@ -254,13 +232,13 @@ class _RouteBuffers:
     def flush(self) -> None:
         for s in range(self.job.shards):
             if db := self.db[s]:
-                _save(self.out, self.job.db_rel(s, self.part, self.db_pieces[s]),
+                write_arrays(self.out, self.job.db_rel(s, self.part, self.db_pieces[s]),
                       ids=_cat([a[0] for a in db], np.int64), lists=_cat([a[1] for a in db], np.int64),
                       vecs=_cat([a[2] for a in db], np.float16, db[0][2].shape[1]))
                 self.db_pieces[s] += 1
             if qs := self.queries[s]:
                 offsets = np.cumsum([0] + [len(a[0]) for a in qs])
-                _save(self.out, self.job.queries_rel(s, self.part, self.query_pieces[s]),
+                write_arrays(self.out, self.job.queries_rel(s, self.part, self.query_pieces[s]),
                       ids=_cat([a[0] for a in qs], np.int64), vecs=_cat([a[1] for a in qs], np.float16, qs[0][1].shape[1]),
                       pair_rows=_cat([a[2] + o for a, o in zip(qs, offsets)], np.int32),
                       pair_lists=_cat([a[3] for a in qs], np.int32))
@@ -271,7 +249,7 @@ class _RouteBuffers:
 
 def _load_queries(out: Location, job: RoutedJob, shard: int, part: int, pieces: int) -> dict:
     """One part's queries for ``shard``, its pieces joined (row numbers of the pairs shifted to match)."""
-    loaded = [_load(out, job.queries_rel(shard, part, i)) for i in range(pieces)]
+    loaded = [read_arrays(out, job.queries_rel(shard, part, i)) for i in range(pieces)]
     if not loaded:
         return {"ids": np.zeros(0, np.int64), "vecs": np.zeros((0, 0), np.float16),
                 "pair_rows": np.zeros(0, np.int32), "pair_lists": np.zeros(0, np.int32)}
@@ -309,7 +287,7 @@ def scan_shard_task(job: RoutedJob, shard: int, db_pieces: dict[int, int], query
     pieces = []
     for p, count in db_pieces.items():
         for i in range(count):
-            piece = _load(out, job.db_rel(shard, p, i))
+            piece = read_arrays(out, job.db_rel(shard, p, i))
             pieces.append((piece["ids"], piece["lists"], piece["vecs"]))
     vectors = ShardVectors.from_pieces(pieces)
     del pieces
@@ -320,7 +298,7 @@ def scan_shard_task(job: RoutedJob, shard: int, db_pieces: dict[int, int], query
     for p, count in query_pieces.items():
         q = _load_queries(out, job, shard, p, count)
         ids, scores = _scan_in_blocks(vectors, q, bounds, job)
-        _save(out, job.result_rel(p, shard), query_ids=q["ids"], ids=ids, scores=scores)
+        write_arrays(out, job.result_rel(p, shard), query_ids=q["ids"], ids=ids, scores=scores)
         scanned += len(q["ids"])
         pairs += int(sizes[q["pair_lists"][q["pair_lists"] < len(sizes)]].sum())
     return _mark_done(out, job, "scan", shard, {"vectors": int(len(vectors.ids)), "shard_bytes": vectors.nbytes,
@@ -340,7 +318,7 @@ def merge_part_task(job: RoutedJob, part: dict) -> dict:
     chunk_ids = read_part_ids(out, p)
     best = empty_topk(p.rows, job.k)
     for s in range(job.shards):
-        r = _load(out, job.result_rel(p.index, s))
+        r = read_arrays(out, job.result_rel(p.index, s))
         if not len(r["query_ids"]):
             continue
         rows = r["query_ids"] - p.offset
@@ -379,7 +357,7 @@ def run_routed(out: Location, info: EmbeddingsInfo, *, folder: str, index_versio
         query_parts: search the neighbors of these parts only (all by default; benchmarks time a subset).
     Returns:
         A :class:`RoutedRun`."""
-    nprobe, ef = _search_params(index_param)
+    nprobe, ef = parse_search_params(index_param)
     probe_job = RoutedJob(out.url, folder, nprobe, ef, k, metric, 0, info.n)
     sizes, centroids = stage_quantizer(out, index_version, probe_job.quantizer_rel(), info.dim)
     if sizes is None:

@@ -16,22 +16,22 @@ merge task (same files, ``_routed/rPPPPP/sSSSSS.npz``), so a killed run resumes 
 """
 from __future__ import annotations
 
-import io
 import json
-import re
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import ray
 
+from pipelines.artifacts.arrays import write_arrays
 from pipelines.artifacts.embeddings import DocBounds, EmbeddingPart, EmbeddingsInfo, NpyPart, part_rel
 from pipelines.artifacts.storage import Location, exists, open_location, read_bytes, write_bytes_atomic
 from pipelines.artifacts.versions import open_index
 from pipelines.runtime.procstats import peak_rss_mb, reset_peak_rss
 from pipelines.runtime.ray_session import bounded_as_completed, cluster_gpus
-from pipelines.search.faiss_index import memory_bytes
+from pipelines.search.faiss_index import memory_bytes, train_with_centroids
 from pipelines.search.knn import ivf_of
+from pipelines.search.routing_quantizer import RoutingQuantizer, read_routing_quantizer, routing_quantizer
 from pipelines.stages.neighbors_routed import RoutedJob, merge_part_task
 
 QUERY_BLOCK_ROWS = {"cuda": 65536, "cpu": 4096}  # queries probed and scanned at once
@@ -88,28 +88,21 @@ class CoarseTrainer:
 
     def train(self, index, x: np.ndarray) -> str:
         """Train ``index`` on the sample ``x``; returns what trained what (for the index summary)."""
-        import faiss
-
         ivf = ivf_of(index)
         if ivf is None or ivf.is_trained:
             index.train(x)
             return "faiss on CPU (no coarse quantizer to train)"
-        top = faiss.downcast_index(index)
-        xt = x
-        if isinstance(top, faiss.IndexPreTransform):
-            for i in range(top.chain.size()):
-                vt = top.chain.at(i)
-                vt.train(xt)
-                xt = vt.apply(xt)
-        spherical = ivf.metric_type == faiss.METRIC_INNER_PRODUCT
         task = kmeans_task.options(num_gpus=self.gpus, num_cpus=0) if self.device == "cuda" else kmeans_task
-        centroids, seconds = ray.get(task.remote(np.ascontiguousarray(xt, np.float32), int(ivf.nlist), spherical,
-                                                 self.seed & 0x7FFFFFFF, self.device))
-        ivf.quantizer.train(centroids)
-        ivf.quantizer.add(centroids)
-        ivf.train(xt)  # the quantizer is full: this trains only what the codes need (PQ, SQ)
-        index.is_trained = True
-        return f"k-means of {ivf.nlist} lists on {len(xt):,} points in torch on {self.device} ({seconds:.1f} s)"
+        took: list[float] = []
+
+        def torch_centroids(xt: np.ndarray, nlist: int, spherical: bool) -> np.ndarray:
+            centroids, seconds = ray.get(task.remote(np.ascontiguousarray(xt, np.float32), nlist, spherical,
+                                                     self.seed & 0x7FFFFFFF, self.device))
+            took.append(seconds)
+            return centroids
+
+        train_with_centroids(index, x, torch_centroids)
+        return f"k-means of {ivf.nlist} lists on {len(x):,} points in torch on {self.device} ({took[0]:.1f} s)"
 
 
 # ----------------------------------------------------------------------------- the search
@@ -131,29 +124,40 @@ def coarse_of(index, metric: str) -> tuple[CoarseSpec | None, str]:
     """The spec of an IVF (after a linear pre-transform) or flat index; (None, why) for anything else."""
     import faiss
 
+    routing = routing_quantizer(index, index.d)
+    if routing is not None:
+        return _spec_of(routing, metric)
     top = faiss.downcast_index(index)
-    transform = bias = None
-    if isinstance(top, faiss.IndexPreTransform):
-        for i in range(top.chain.size()):
-            vt = faiss.downcast_VectorTransform(top.chain.at(i))
-            if not isinstance(vt, faiss.LinearTransform):
-                return None, f"its pre-transform {type(vt).__name__} is not linear"
-            a = faiss.vector_to_array(vt.A).reshape(vt.d_out, vt.d_in)
-            b = faiss.vector_to_array(vt.b) if vt.have_bias else np.zeros(vt.d_out, np.float32)
-            transform, bias = (a, b) if transform is None else (a @ transform, a @ bias + b)
-    ivf = ivf_of(index)
-    if ivf is not None:
-        sizes = np.fromiter((ivf.invlists.list_size(i) for i in range(ivf.nlist)), np.int64, ivf.nlist)
-        return CoarseSpec(ivf.quantizer.reconstruct_n(0, ivf.nlist), transform, bias, sizes, metric), ""
     inner = top.at(0) if isinstance(top, faiss.IndexShards) and top.count() else top
     if isinstance(faiss.downcast_index(inner), faiss.IndexFlat):  # exact: one list holding everything
         return CoarseSpec(np.zeros((1, index.d), np.float32), None, None, np.array([index.ntotal]), metric), ""
     return None, f"{type(top).__name__} has no inverted lists"
 
 
-def torch_unsupported(out: Location, index_version: str, metric: str) -> str:
-    """Why the torch scan cannot search this index version ("" when it can)."""
-    return coarse_of(open_index(out, index_version, mmap=True), metric)[1]
+def _spec_of(routing: RoutingQuantizer, metric: str) -> tuple[CoarseSpec | None, str]:
+    """The spec of an IVF's routing view: its pre-transforms composed into one linear map."""
+    import faiss
+
+    transform = bias = None
+    if isinstance(routing.quantizer, faiss.IndexPreTransform):
+        chain = routing.quantizer.chain
+        for i in range(chain.size()):
+            vt = faiss.downcast_VectorTransform(chain.at(i))
+            if not isinstance(vt, faiss.LinearTransform):
+                return None, f"its pre-transform {type(vt).__name__} is not linear"
+            a = faiss.vector_to_array(vt.A).reshape(vt.d_out, vt.d_in)
+            b = faiss.vector_to_array(vt.b) if vt.have_bias else np.zeros(vt.d_out, np.float32)
+            transform, bias = (a, b) if transform is None else (a @ transform, a @ bias + b)
+    return CoarseSpec(routing.centroids, transform, bias, routing.list_sizes, metric), ""
+
+
+def load_coarse(out: Location, index_version: str, metric: str) -> tuple[CoarseSpec | None, str]:
+    """The coarse spec of an index version, or (None, why the torch scan cannot search it). Reads the
+    small routing files the index stage wrote; only an index without them (flat, or older) is opened."""
+    routing, _ = read_routing_quantizer(out, f"index/{index_version}")
+    if routing is not None:
+        return _spec_of(routing, metric)
+    return coarse_of(open_index(out, index_version, mmap=True), metric)
 
 
 @dataclass(frozen=True)
@@ -201,12 +205,6 @@ def _load_shard(out: Location, info: EmbeddingsInfo, bounds: DocBounds, coarse, 
     return DeviceLists.build(*cat, nlist=len(list_shard), dtype=_scan_dtype(device))
 
 
-def _save(out: Location, rel: str, **arrays) -> None:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    write_bytes_atomic(out, rel, buf.getvalue())
-
-
 @ray.remote
 def scan_task(job: TorchJob, shard: int, group: int, parts: list[dict], spec: CoarseSpec, list_shard: np.ndarray,
               info: EmbeddingsInfo) -> dict:
@@ -240,7 +238,7 @@ def scan_task(job: TorchJob, shard: int, group: int, parts: list[dict], spec: Co
                           score_budget=job.score_budget)
             got_s.append(s.cpu().numpy())
             got_i.append(i.cpu().numpy())
-        _save(out, r.result_rel(p.index, shard), query_ids=np.arange(p.offset, p.offset + p.rows, dtype=np.int64),
+        write_arrays(out, r.result_rel(p.index, shard), query_ids=np.arange(p.offset, p.offset + p.rows, dtype=np.int64),
               ids=np.concatenate(got_i), scores=np.concatenate(got_s).astype(np.float32))
         rows += p.rows
     if dev == "cuda":
@@ -282,25 +280,20 @@ def device_budget(device: str, gpus: float, shard_memory: str) -> int:
     return int(ray.get(total_memory.remote()) * DEVICE_MEMORY_SHARE)
 
 
-def run_torch(out: Location, info: EmbeddingsInfo, *, folder: str, index_version: str, nprobe: int, k: int,
+def run_torch(out: Location, info: EmbeddingsInfo, *, folder: str, spec: CoarseSpec, nprobe: int, k: int,
               metric: str, device: str, gpus: float, shard_memory: str, concurrency: int,
               score_budget: int = 0) -> TorchRun:
     """The neighbors of every part by the torch list-major scan; returns the parts' entries (part order).
 
     Args:
         out, info: the build and its embeddings. folder: the neighbors version's folder.
-        index_version: the index whose quantizer routes the queries. nprobe: lists per query.
+        spec: the coarse quantizer that routes the queries (:func:`load_coarse`). nprobe: lists per query.
         k, metric: neighbors per chunk, distance. device: "cuda" or "cpu". gpus: GPUs per task (CUDA).
         shard_memory: the CPU device's shard budget. concurrency: tasks at once on CPU.
         score_budget: padded scores per batched product (0: the module default).
-    Raises:
-        ValueError: the index has no coarse quantizer the scan can use (see :func:`coarse_of`).
     """
     from pipelines.search.torch_scan import SCORE_BUDGET, device_bytes_per_vector, plan_shards
 
-    spec, why = coarse_of(open_index(out, index_version, mmap=True), metric)
-    if spec is None:
-        raise ValueError(f"index {index_version}: the torch neighbors search needs an IVF or flat index; {why}")
     dtype = _scan_dtype(device)
     budget = device_budget(device, gpus, shard_memory)
     list_shard = plan_shards(spec.list_sizes, device_bytes_per_vector(info.dim, dtype), budget)
@@ -331,9 +324,3 @@ def run_torch(out: Location, info: EmbeddingsInfo, *, folder: str, index_version
     peaks["neighbors_merge_task"] = max(e.pop("peak_rss_mb", 0.0) for e in merged)
     return TorchRun(merged, device, str(dtype).removeprefix("torch."), shards, len(units), nprobe,
                     max(s.get("shard_bytes", 0) for s in scans), sum(s.get("seconds", 0.0) for s in scans), cpu, peaks)
-
-
-def nprobe_of(index_param: str) -> int:
-    """The tuned ``nprobe`` of an index version's parameter string (1 when none: a flat index)."""
-    m = re.search(r"nprobe=(\d+)", index_param or "")
-    return int(m.group(1)) if m else 1

@@ -14,7 +14,6 @@ refused (:func:`refuse_rewriting_published`).
 from __future__ import annotations
 
 import functools
-import io
 import json
 import time
 from collections import Counter
@@ -25,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet  # noqa: F401 - imported once per worker, not on the first part written
 import ray
 
+from pipelines.artifacts.arrays import read_arrays, write_arrays
 from pipelines.artifacts.manifest import invalid_parts, part_name, read_manifest, write_manifest
 from pipelines.artifacts.parquet import write_table
 from pipelines.artifacts.storage import (
@@ -33,17 +33,23 @@ from pipelines.artifacts.storage import (
     list_names,
     one_line,
     open_location,
-    read_bytes,
     remove,
     remove_tree,
-    write_bytes_atomic,
 )
 from pipelines.artifacts.versions import LATEST
 from pipelines.runtime.ray_session import one_per_node, run_bounded
 from pipelines.runtime.redact import redact
 from pipelines.stages.build_config import BuildConfig
 from pipelines.text.chunking import doc_to_chunks, seq_starts
-from pipelines.text.corpus import InputFile, WorkUnit, list_corpus, plan_fingerprint, plan_units
+from pipelines.text.corpus import (
+    InputFile,
+    WorkUnit,
+    list_corpus,
+    plan_fingerprint,
+    plan_units,
+    record_offsets,
+    source_of,
+)
 from pipelines.text.readers import TOKENIZER_REJECTED, Record, read_item
 from pipelines.text.tokenizer import ChunkTokenizer, encode_each, load_tokenizer
 
@@ -145,11 +151,6 @@ def _staged_name(plan: str, index: int) -> str:
     return f"{STAGING}/{plan}/unit-{index:05d}.npz"
 
 
-def _load_staged(out: Location, rel: str) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(read_bytes(out, rel)), allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
-
-
 @functools.lru_cache(maxsize=4)
 def _cached_tokenizer(name: str) -> ChunkTokenizer:
     """One tokenizer per worker process: Ray reuses warm workers across tasks and both passes."""
@@ -163,13 +164,11 @@ def stage_or_load_unit(out: Location, plan: str, unit: WorkUnit, settings: Token
     rel = _staged_name(plan, unit.index)
     if exists(out, rel):
         try:
-            return _load_staged(out, rel)
+            return read_arrays(out, rel)
         except Exception:  # noqa: BLE001 - a damaged staged file is simply redone
             pass
     staged = tokenize_unit(unit, settings, _cached_tokenizer(settings.tokenizer), keep)
-    buf = io.BytesIO()
-    np.savez(buf, **staged)
-    write_bytes_atomic(out, rel, buf.getvalue())
+    write_arrays(out, rel, **staged)
     return staged
 
 
@@ -191,21 +190,10 @@ def tokenize_task(out_url: str, plan: str, settings: TokenizeSettings, unit_json
 # ----------------------------------------------------------------------------- pass 2: finalize
 
 
-def _source(url: str, fmt: str, position: int) -> str:
-    """The ``source`` a docs, quarantine or tombstones row records (and the re-index scan compares): the
-    input's URL without user info or signatures, and where in it the document was."""
-    url = redact(url)
-    if position < 0:
-        return url
-    if fmt == "parquet":
-        return f"{url}#row={position}"
-    return f"{url}#line={position + 1}"  # line numbers are 1-based, as editors show them
-
-
 def finalize_unit(out: Location, plan: str, unit: WorkUnit, doc_offset: int, chunk_offset: int,
                   record_offsets: list[int], settings: TokenizeSettings) -> dict[str, dict]:
     """Write the four final parts of one unit with global ids; returns their manifest entries."""
-    s = _load_staged(out, _staged_name(plan, unit.index))
+    s = read_arrays(out, _staged_name(plan, unit.index))
     n_docs = len(s["doc_chunks"])
     doc_ids = doc_offset + np.arange(n_docs, dtype=np.int64)
     first_chunk = chunk_offset + np.concatenate([[0], np.cumsum(s["doc_chunks"])[:-1]]).astype(np.int64) if n_docs else np.zeros(0, np.int64)
@@ -216,9 +204,9 @@ def finalize_unit(out: Location, plan: str, unit: WorkUnit, doc_offset: int, chu
     token_list = pa.ListArray.from_arrays(pa.array(np.arange(0, (n_chunks + 1) * c1, c1, dtype=np.int32)),
                                           pa.array(s["tokens"].reshape(-1)))
     items = unit.items
-    doc_sources = [_source(items[i].url, items[i].fmt, p + record_offsets[i] if p >= 0 else p)
+    doc_sources = [source_of(items[i].url, items[i].fmt, p + record_offsets[i] if p >= 0 else p)
                    for i, p in zip(s["doc_item"].tolist(), s["doc_pos"].tolist())]
-    q_sources = [_source(items[i].url, items[i].fmt, p + record_offsets[i] if p >= 0 else p)
+    q_sources = [source_of(items[i].url, items[i].fmt, p + record_offsets[i] if p >= 0 else p)
                  for i, p in zip(s["q_item"].tolist(), s["q_pos"].tolist())]
     seqs = np.concatenate([seq_starts(f, n, settings.chunk_size, settings.seq_len)
                            for f, n in zip(first_chunk.tolist(), s["doc_chunks"].tolist())]) if n_docs else np.zeros(0, np.int64)
@@ -270,19 +258,6 @@ class TokenizeSummary:
             f"{self.quarantined} quarantined ({reasons})",
             f"tokenize: {self.chunks} chunks, {self.seqs} sequences in {self.seconds:.1f} s ({rate:,.0f} chunks/s)",
         ]
-
-
-def _record_offsets(units: list[WorkUnit], item_records: list[list[int]]) -> list[list[int]]:
-    """For each item, how many lines/rows of the same file come before it (in earlier units)."""
-    seen: dict[str, int] = {}
-    offsets = []
-    for unit, counts in zip(units, item_records):
-        row = []
-        for item, n in zip(unit.items, counts):
-            row.append(seen.get(item.url, 0))
-            seen[item.url] = seen.get(item.url, 0) + n
-        offsets.append(row)
-    return offsets
 
 
 def _summary_from_manifest(m: dict) -> TokenizeSummary:
@@ -339,9 +314,9 @@ def run_tokenize(*, corpus: list[str], out: Location, chunk_size: int, seq_len: 
     chunks = np.array([r["chunks"] for r in counted], dtype=np.int64)
     doc_offsets = np.concatenate([[0], np.cumsum(docs)[:-1]])
     chunk_offsets = np.concatenate([[0], np.cumsum(chunks)[:-1]])
-    record_offsets = _record_offsets(units, [r["item_records"] for r in counted])
+    offsets_by_unit = record_offsets(units, [r["item_records"] for r in counted])
     tasks = [json.dumps({"unit": u.to_dict(), "doc_offset": int(d), "chunk_offset": int(c), "record_offsets": ro})
-             for u, d, c, ro in zip(units, doc_offsets, chunk_offsets, record_offsets)]
+             for u, d, c, ro in zip(units, doc_offsets, chunk_offsets, offsets_by_unit)]
     entries = ray.get([(finalize_task.options(scheduling_strategy=pin) if pin else finalize_task).remote(
         out.url, plan, settings, t) for t, pin in zip(tasks, one_per_node(len(tasks)))])
     print(f"tokenize: pass 1 (tokenize) {tokenize_seconds:.1f} s, pass 2 (write parts) "

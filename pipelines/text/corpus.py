@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 import pyarrow.parquet as pq
 
 from pipelines.artifacts.storage import Location, RetriesExhausted, open_input, open_location
+from pipelines.runtime.redact import redact
 from pipelines.text.listing import Entry, corpus_entries
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
@@ -161,3 +162,27 @@ def plan_fingerprint(files: list[InputFile], units: list[WorkUnit], settings: di
     h.update(json.dumps([u.to_dict() for u in units], sort_keys=True).encode())
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()[:16]
+
+
+def source_of(url: str, fmt: str, position: int) -> str:
+    """The ``source`` a docs, quarantine or tombstones row records (and the re-index scan compares): the
+    input's URL without user info or signatures, and where in it the document was."""
+    url = redact(url)
+    if position < 0:
+        return url
+    if fmt == "parquet":
+        return f"{url}#row={position}"
+    return f"{url}#line={position + 1}"  # line numbers are 1-based, as editors show them
+
+
+def record_offsets(units: list[WorkUnit], item_records: list[list[int]]) -> list[list[int]]:
+    """For each item, how many lines/rows of the same file come before it (in earlier units)."""
+    seen: dict[str, int] = {}
+    offsets = []
+    for unit, counts in zip(units, item_records):
+        row = []
+        for item, n in zip(unit.items, counts):
+            row.append(seen.get(item.url, 0))
+            seen[item.url] = seen.get(item.url, 0) + n
+        offsets.append(row)
+    return offsets

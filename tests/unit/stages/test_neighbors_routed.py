@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipelines.artifacts.arrays import read_arrays
 from pipelines.artifacts.storage import open_location
-from pipelines.stages.neighbors_routed import RoutedJob, _load, _load_queries, _RouteBuffers
+from pipelines.stages.neighbors_routed import RoutedJob, _load_queries, _RouteBuffers
 
 
 def test_pieces_written_at_each_flush_read_back_as_the_whole_part(tmp_path):
@@ -33,4 +34,4 @@ def test_pieces_written_at_each_flush_read_back_as_the_whole_part(tmp_path):
     # each piece's pair rows point into that piece: joined, they point at the same query rows as before
     np.testing.assert_array_equal(q["pair_rows"], np.concatenate(sent_pairs))
     assert len(_load_queries(out, job, shard=0, part=3, pieces=0)["ids"]) == 0
-    assert len(_load(out, job.db_rel(1, 3, 2))["ids"]) == 4
+    assert len(read_arrays(out, job.db_rel(1, 3, 2))["ids"]) == 4
