@@ -2,13 +2,16 @@
 ``ids/part-NNNNN.parquet`` with the chunk ids of the same rows: the numpy + metadata layout that
 autofaiss and embedding-reader read).
 
-A Ray Data actor pool: each actor loads the encoder once and embeds whole parts, batch by batch,
-so a worker's memory is bounded by one part. Each finished part gets a small commit record under
+On CPUs one Ray task per part, at most ``concurrency`` at a time: each worker process loads the encoder
+once and keeps it (Ray reuses the process for the next part, and for the next stage or build in the same
+session), so the stage's fixed cost is a model load, not an actor pool's start-up; on GPUs a Ray Data
+pool of actors, one per GPU. Parts are embedded batch by batch, so a worker's memory is bounded by one part. Each finished part gets a small commit record under
 ``embeddings/_parts/<fingerprint>/``; a killed run redoes only parts without a valid record, and
 the manifest, written last, lists them all.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -34,6 +37,7 @@ from pipelines.artifacts.storage import (
     sha256_bytes,
     write_bytes_atomic,
 )
+from pipelines.runtime.ray_session import one_per_node, run_bounded
 from pipelines.text.tokenizer import load_tokenizer, resolve_model_path
 
 FOLDER = "embeddings"
@@ -84,8 +88,50 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def load_part_encoder(settings: EmbedSettings, cls_id: int) -> ChunkEncoder:
+    """The encoder that ``settings`` name, loaded from its (local or packaged) weights."""
+    return ChunkEncoder(EncoderConfig(resolve_model_path(settings.encoder), settings.pooling, settings.compute_dtype,
+                                      settings.device, cls_id=cls_id))
+
+
+@functools.lru_cache(maxsize=1)
+def _process_encoder(settings: EmbedSettings, cls_id: int) -> ChunkEncoder:
+    """One encoder per worker process: Ray reuses a CPU worker process for the next task, so the encoder is
+    loaded once per process (and once per session in a long-lived local Ray), not once per part or stage."""
+    return load_part_encoder(settings, cls_id)
+
+
+def embed_part(out: Location, encoder: ChunkEncoder, settings: EmbedSettings, fingerprint: str, part: str,
+               chunks_sha256: str) -> dict:
+    """Embed one chunks part, write its ``.npy`` and ids, then its commit record (last); returns the record."""
+    stem = part.removesuffix(".parquet")
+    ids, tokens = read_chunk_tokens(out, part)
+    dtype = np.dtype(settings.embedding_dtype)
+    vectors = encoder.embed_rows(tokens, settings.batch_size, out=np.empty((len(ids), encoder.dim), dtype=dtype))
+    data = _npy_bytes(vectors)
+    write_bytes_atomic(out, f"{FOLDER}/{stem}.npy", data)
+    ids_entry = write_table(out, f"{FOLDER}/ids/{part}", pa.table({"chunk_id": pa.array(ids, pa.int64())}))
+    entry = {"path": f"{stem}.npy", "rows": len(ids), "bytes": len(data), "sha256": sha256_bytes(data),
+             "ids_path": f"ids/{part}", "ids_bytes": ids_entry["bytes"], "ids_sha256": ids_entry["sha256"],
+             "first_chunk_id": int(ids[0]) if len(ids) else -1, "chunks_sha256": chunks_sha256}
+    write_bytes_atomic(out, f"{RECORDS}/{fingerprint}/{stem}.json", json.dumps(entry).encode())
+    return entry
+
+
+@ray.remote
+def embed_part_task(out_url: str, settings: EmbedSettings, fingerprint: str, cls_id: int, threads: int, part: str,
+                    chunks_sha256: str) -> dict:
+    """CPU workers: a task per part on the process's cached encoder (no actor start-up, no pool to plan)."""
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    return embed_part(open_location(out_url), _process_encoder(settings, cls_id), settings, fingerprint, part,
+                      chunks_sha256)
+
+
 class EmbedParts:
-    """Ray Data actor: embeds whole chunks parts and commits them."""
+    """GPU workers: a Ray Data actor that holds the encoder on its GPU and embeds whole parts. (Ray does not
+    reuse a GPU task's process, so a task per part would load the encoder once per part.)"""
 
     def __init__(self, out_url: str, settings: EmbedSettings, fingerprint: str, cls_id: int, threads: int):
         import torch
@@ -94,33 +140,12 @@ class EmbedParts:
         self.out = open_location(out_url)
         self.settings = settings
         self.fingerprint = fingerprint
-        self.encoder = ChunkEncoder(EncoderConfig(resolve_model_path(settings.encoder), settings.pooling,
-                                                  settings.compute_dtype, settings.device, cls_id=cls_id))
+        self.encoder = load_part_encoder(settings, cls_id)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = []
-        for part, chunks_sha256 in zip(batch["part"], batch["chunks_sha256"]):
-            start = time.perf_counter()
-            entry = self.embed_part(str(part), str(chunks_sha256))
-            rows.append(json.dumps(entry | {"seconds": time.perf_counter() - start}))
-        return {"entry": np.asarray(rows)}
-
-    def embed_part(self, part: str, chunks_sha256: str) -> dict:
-        stem = part.removesuffix(".parquet")
-        ids, tokens = read_chunk_tokens(self.out, part)
-        dtype = np.dtype(self.settings.embedding_dtype)
-        out = np.empty((len(ids), self.encoder.dim), dtype=dtype)
-        bs = self.settings.batch_size
-        for i in range(0, len(ids), bs):
-            out[i:i + bs] = self.encoder.embed(tokens[i:i + bs])
-        data = _npy_bytes(out)
-        write_bytes_atomic(self.out, f"{FOLDER}/{stem}.npy", data)
-        ids_entry = write_table(self.out, f"{FOLDER}/ids/{part}", pa.table({"chunk_id": pa.array(ids, pa.int64())}))
-        entry = {"path": f"{stem}.npy", "rows": len(ids), "bytes": len(data), "sha256": sha256_bytes(data),
-                 "ids_path": f"ids/{part}", "ids_bytes": ids_entry["bytes"], "ids_sha256": ids_entry["sha256"],
-                 "first_chunk_id": int(ids[0]) if len(ids) else -1, "chunks_sha256": chunks_sha256}
-        write_bytes_atomic(self.out, f"{RECORDS}/{self.fingerprint}/{stem}.json", json.dumps(entry).encode())
-        return entry
+        entries = [embed_part(self.out, self.encoder, self.settings, self.fingerprint, str(part), str(sha))
+                   for part, sha in zip(batch["part"], batch["chunks_sha256"])]
+        return {"entry": np.asarray([json.dumps(e) for e in entries])}
 
 
 def _committed(out: Location, fingerprint: str, chunks_part: str, chunks_sha256: str) -> dict | None:
@@ -179,16 +204,20 @@ def run_embed(*, out: Location, encoder: str, pooling: str, embedding_dtype: str
     if todo:
         workers = max(1, min(len(todo), concurrency))
         threads = max(1, int(cpus_per_worker))
-        ds = ray.data.from_items([{"part": p, "chunks_sha256": chunk_sha[p]} for p in todo], override_num_blocks=len(todo))
-        resources = {"num_gpus": gpus_per_worker} if gpus_per_worker > 0 else {}
-        results = ds.map_batches(
-            EmbedParts, batch_size=1, num_cpus=cpus_per_worker, compute=ray.data.ActorPoolStrategy(size=workers),
-            fn_constructor_kwargs={"out_url": out.url, "settings": settings, "fingerprint": fingerprint,
-                                   "cls_id": tokenizer["cls_id"], "threads": threads}, **resources,
-        ).take_all()
-        for r in results:
-            e = json.loads(r["entry"])
-            e.pop("seconds")
+        args = {"out_url": out.url, "settings": settings, "fingerprint": fingerprint, "cls_id": tokenizer["cls_id"],
+                "threads": threads}
+        if gpus_per_worker > 0:
+            made = _embed_on_gpu_actors(todo, chunk_sha, args, workers, cpus_per_worker, gpus_per_worker)
+        else:
+            pins = one_per_node(len(todo))  # the first wave spread over the nodes; then wherever a CPU frees
+
+            def submit(indexed: tuple[int, str]) -> ray.ObjectRef:
+                index, part = indexed
+                task = embed_part_task.options(num_cpus=cpus_per_worker, scheduling_strategy=pins[index])
+                return task.remote(part=part, chunks_sha256=chunk_sha[part], **args)
+
+            made = run_bounded(submit, list(enumerate(todo)), workers, "embed")
+        for e in made:
             entries[e["ids_path"].removeprefix("ids/")] = e
     listed = [entries[p] for p in parts]
     dim = _dim_of(out, listed)
@@ -200,6 +229,15 @@ def run_embed(*, out: Location, encoder: str, pooling: str, embedding_dtype: str
     _remove_stale_records(out, fingerprint)
     embedded_now = sum(entries[p]["rows"] for p in todo)
     return EmbedSummary(total, embedded_now, len(parts), time.perf_counter() - start, dim)
+
+
+def _embed_on_gpu_actors(todo: list[str], chunk_sha: dict[str, str], args: dict, workers: int, cpus_per_worker: float,
+                         gpus_per_worker: float) -> list[dict]:
+    """Parts embedded by a Ray Data pool of ``workers`` GPU actors, each loading the encoder once."""
+    ds = ray.data.from_items([{"part": p, "chunks_sha256": chunk_sha[p]} for p in todo], override_num_blocks=len(todo))
+    rows = ds.map_batches(EmbedParts, batch_size=1, num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
+                          compute=ray.data.ActorPoolStrategy(size=workers), fn_constructor_kwargs=args).take_all()
+    return [json.loads(r["entry"]) for r in rows]
 
 
 def _dim_of(out: Location, entries: list[dict]) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -19,7 +20,6 @@ from pipelines.stages.embed import read_chunk_tokens, run_embed
 from pipelines.stages.tokenize import run_tokenize
 from pipelines.text.tokenizer import default_encoder_path
 from tests.conftest import ROOT
-from tests.integration.stages.test_build_cli import _kill_session
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -182,15 +182,20 @@ def test_damaged_and_missing_parts_are_recomputed_only(small_build, tmp_path):
 @pytest.mark.slow
 def test_killed_embed_resumes(small_build, tmp_path):
     out = copy_without_embeddings(small_build, tmp_path / "k")
-    args = [sys.executable, "-m", "jobs.build_index", "--out", str(out), "--stages", "embed", "--num-cpus", "2",
-            "--embed-batch-size", "64"]
-    proc = subprocess.Popen(args, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import ray
+
+    # the job joins the session's Ray instance; killing its driver ends its tasks (Ray cancels what a dead
+    # driver owns), as losing the machine that submitted it would
+    args = [sys.executable, "-m", "jobs.build_index", "--out", str(out), "--stages", "embed", "--embed-batch-size", "64",
+            "--ray-address", ray.get_runtime_context().gcs_address]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
         while time.time() < deadline and not list(out.glob("embeddings/_parts/*/part-*.json")):
             time.sleep(0.05)
     finally:
-        _kill_session(proc.pid)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
     done_before = len(list(out.glob("embeddings/_parts/*/part-*.json")))
     assert done_before >= 1 and not (out / "embeddings" / "_manifest.json").exists()
     total = read_manifest(open_location(str(out)), "chunks")["totals"]["chunks"]

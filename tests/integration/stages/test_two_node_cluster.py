@@ -174,13 +174,10 @@ def test_build_submitted_with_ray_job_submit_runs_on_both_nodes(cluster, plays, 
         return {ip_of.get(row.get("node_id"), "?") for row in rows if match(row)}
 
     tokenize = ips(tasks, lambda t: t["name"].endswith("tokenize_task") or t["name"].endswith("finalize_task"))
-    embed_actors = [a for a in actors if "EmbedParts" in (a.get("class_name") or "")]
-    placed = {ip_of.get(a.get("node_id"), "?") for a in embed_actors if a.get("node_id")}
+    embed = ips(tasks, lambda t: t["name"].endswith("embed_part_task"))
     everything = ips(tasks, lambda t: t.get("node_id")) | ips(actors, lambda a: a.get("node_id"))
-    print(f"tokenize tasks ran on {sorted(tokenize)}; embed actors: {len(embed_actors)} asked for, placed on "
-          f"{sorted(placed)}; all tasks and actors of the build on {sorted(everything)}")
+    print(f"tokenize tasks ran on {sorted(tokenize)}; embed tasks on {sorted(embed)}; all tasks and actors of the "
+          f"build on {sorted(everything)}")
     assert tokenize == {HEAD, WORKER}, sorted({t["name"] for t in tasks})  # the tokenize stage used both nodes
+    assert embed == {HEAD, WORKER}, stages  # its first wave is pinned one part per node, so both embed
     assert everything == {HEAD, WORKER}
-    # the embed stage asked for one actor per node (a CPU each); the second one may still be starting
-    # when the first has embedded everything, so where it landed is reported rather than required
-    assert len(embed_actors) == 2 and placed, (stages, [(a.get("class_name"), a.get("state")) for a in actors])

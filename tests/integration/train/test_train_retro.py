@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -18,7 +16,7 @@ from pipelines.artifacts.versions import resolve_latest
 from pipelines.train.checkpoint import list_checkpoints
 from pipelines.train.metrics import read_metrics
 from pipelines.train.retro import build_samples, resolve_spec
-from tests.conftest import ROOT
+from tests.helpers_cli import call_main
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 CHUNK, SEQ = 16, 64
@@ -97,7 +95,8 @@ def common(data, out, steps):
 
 @pytest.fixture(scope="module")
 def runs(build):
-    """A 2-worker run of 6 steps, and one of 4 steps resumed to 6 (the samples are copied, not rebuilt).
+    """A 2-worker run of 6 steps (a); then, on a copy of that whole --out (b), a --no-resume run of 4 steps and
+    that run resumed to 6 (three Ray Train runs in all; the samples are copied, not rebuilt).
 
     The first run names --data and --out relative to the driver's working directory, as `make demo` does:
     the Ray Train workers run elsewhere and must still write there."""
@@ -109,11 +108,10 @@ def runs(build):
         assert run_train(*common("build", "run_a", 6)) == 0
     finally:
         os.chdir(cwd)
-    b.mkdir()
-    shutil.copytree(a / "retro_samples", b / "retro_samples")
-    assert run_train(*common(data, b, 2), "--keep-checkpoints", "1") == 0
+    shutil.copytree(a, b)
     abandoned = read_metrics(str(b))
-    # --no-resume on that --out: a fresh history and fresh checkpoints (then resumed below, so it must be exact)
+    # --no-resume on an --out that holds a finished run: a fresh history and fresh checkpoints (then resumed
+    # below, so it must be exact)
     assert run_train(*common(data, b, 4), "--keep-checkpoints", "1", "--no-resume") == 0
     first = read_metrics(str(b))
     assert run_train(*common(data, b, 6), "--keep-checkpoints", "1") == 0
@@ -184,8 +182,8 @@ def test_one_worker_with_grad_accum_follows_the_two_worker_curve(runs, build):
 def test_no_resume_starts_over(runs):
     """--no-resume on an --out that holds a run: the old history and checkpoints go, training starts at step 1."""
     a, _, first, abandoned = runs
-    assert [r["step"] for r in abandoned if r["kind"] == "train"] == [1, 2]
-    assert [r["step"] for r in first if r["kind"] == "train"] == [1, 2, 3, 4]  # not 1, 2 and then 3, 4 resumed
+    assert [r["step"] for r in abandoned if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in first if r["kind"] == "train"] == [1, 2, 3, 4]  # not resumed at step 6
     assert first[0]["loss"] == pytest.approx(abandoned[0]["loss"], rel=1e-6)  # the same first step: from scratch
     straight = {r["step"]: r["loss"] for r in read_metrics(str(a)) if r["kind"] == "train"}
     assert [r["loss"] for r in first if r["kind"] == "train"] == pytest.approx([straight[i] for i in (1, 2, 3, 4)],
@@ -272,17 +270,17 @@ def test_generate_job_with_each_sampling_option(build, runs, capsys):
     assert shown and all(line.strip().startswith("neighbor 0 (chunk ") for line in shown) and "(k=1)" in err
 
 
-def job(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+def test_cli_help_and_one_line_errors(build, tmp_path, capsys):
+    """In this process, as the command line would run them: --help, and a one-line error (exit 2) per bad flag."""
+    from jobs.generate import main as generate_main
+    from jobs.train_retro import main as train_main
 
-
-def test_cli_help_and_one_line_errors(build, tmp_path):
-    r = job("jobs.train_retro", "--help")
-    assert r.returncode == 0
+    code, out, _ = call_main(train_main, capsys, "--help")
+    assert code == 0
     for flag in ("--data", "--out", "--preset", "--max-steps", "--num-workers", "--use-gpu", "--max-failures",
                  "--eval-every", "--batch-size", "--seq-len", "ray job submit --working-dir . -- python -m jobs.train_retro"):
-        assert flag in r.stdout, flag
-    assert "ray job submit" in job("jobs.generate", "--help").stdout
+        assert flag in out, flag
+    assert "ray job submit" in call_main(generate_main, capsys, "--help")[1]
     cases = [
         (["--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")], "chunks/_manifest.json"),
         (["--data", str(build / "build"), "--out", str(tmp_path / "o"), "--seq-len", "24"], "must be a multiple"),
@@ -290,8 +288,9 @@ def test_cli_help_and_one_line_errors(build, tmp_path):
          "multiple of --num-workers"),
     ]
     for args, message in cases:
-        r = job("jobs.train_retro", *args)
-        lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
-        assert r.returncode == 2 and message in lines[-1] and len(lines) <= 2 and "Traceback" not in r.stderr, r.stderr
-    r = job("jobs.generate", "--checkpoint", str(tmp_path), "--data", str(build / "build"), "--prompt", "x")
-    assert r.returncode == 2 and "no checkpoint under" in r.stderr and "Traceback" not in r.stderr
+        code, _, err = call_main(train_main, capsys, *args)
+        lines = [line for line in err.strip().splitlines() if line.strip()]
+        assert code == 2 and message in lines[-1] and len(lines) <= 2 and "Traceback" not in err, err
+    code, _, err = call_main(generate_main, capsys, "--checkpoint", str(tmp_path), "--data", str(build / "build"),
+                             "--prompt", "x")
+    assert code == 2 and "no checkpoint under" in err and "Traceback" not in err
