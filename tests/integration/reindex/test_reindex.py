@@ -29,6 +29,7 @@ from pipelines.reindex.run import run_reindex
 from pipelines.stages.build import STAGES
 from pipelines.stages.build_config import BuildConfig
 from tests.conftest import ROOT
+from tests.helpers_cli import call_main
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 K = 3
@@ -431,19 +432,19 @@ def test_publish_refuses_a_moved_latest_and_going_backwards(tmp_path):
         lock.release()
 
 
-def test_cli_help_and_errors(tmp_path):
+def test_cli_help_and_errors(tmp_path, capsys):
+    """In this process, as the command line would run them: --help, and one-line errors with exit 2."""
+    from jobs.reindex import main
     from pipelines.reindex.config import parse_every
 
-    r = subprocess.run([sys.executable, "-m", "jobs.reindex", "--help"], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0
+    code, out, _ = call_main(main, capsys, "--help")
+    assert code == 0
     for flag in ("--corpus", "--out", "--every", "--keep", "--max-growth", "--min-recall", "--full", "ray job submit"):
-        assert flag in r.stdout, flag
-    r = subprocess.run([sys.executable, "-m", "jobs.reindex", "--corpus", str(tmp_path), "--out", str(tmp_path / "none")],
-                       cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 2 and "no index has been published yet" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, "-m", "jobs.reindex", "--corpus", "x", "--out", "y", "--every", "often"],
-                       cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 2 and "--every must look like" in r.stderr
+        assert flag in out, flag
+    code, _, err = call_main(main, capsys, "--corpus", str(tmp_path), "--out", str(tmp_path / "none"))
+    assert code == 2 and "no index has been published yet" in err and "Traceback" not in err
+    code, _, err = call_main(main, capsys, "--corpus", "x", "--out", "y", "--every", "often")
+    assert code == 2 and "--every must look like" in err
     assert parse_every("6h") == 21600 and parse_every("1h30m") == 5400 and parse_every("") == 0
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,7 +15,7 @@ from pipelines.stages.tokenize import run_tokenize
 from pipelines.train.checkpoint import list_checkpoints, torch_load_bytes
 from pipelines.train.memorizing import DocOrder, Streams
 from pipelines.train.metrics import read_metrics
-from tests.conftest import ROOT
+from tests.helpers_cli import call_main
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 SEG, XL = 32, 8  # segment length; the tiny preset's XL memory
@@ -93,20 +91,21 @@ def test_two_worker_run_writes_metrics_checkpoints_and_resumes(build, s3_server,
         assert since_start.max() >= 5  # some row kept its memory across the resume (4 + 2 segments)
 
 
-def test_cli_help_and_one_line_errors(build, tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, "-m", "jobs.train_memorizing", *a], cwd=ROOT,  # noqa: E731
-                                    capture_output=True, text=True, timeout=120)
-    r = run("--help")
-    assert r.returncode == 0
+def test_cli_help_and_one_line_errors(build, tmp_path, capsys):
+    """In this process, as the command line would run them: --help, and a one-line error (exit 2) per bad flag."""
+    from jobs.train_memorizing import main
+
+    code, out, _ = call_main(main, capsys, "--help")
+    assert code == 0
     for flag in ("--data", "--out", "--preset", "--max-steps", "--num-workers", "--use-gpu", "--seq-len",
                  "--eval-fraction", "ray job submit --working-dir . -- python -m jobs.train_memorizing"):
-        assert flag in r.stdout, flag
+        assert flag in out, flag
     for args, message in [
         (["--out", str(tmp_path / "o")], "--data is required"),
         (["--data", str(tmp_path), "--out", str(tmp_path / "o")], "chunks/_manifest.json"),
         (["--data", str(build / "build"), "--out", str(tmp_path / "o"), "--preset", "huge"], "unknown preset"),
         (["--data", str(build / "build"), "--out", str(tmp_path / "o"), "--override", "dimm=3"], "dimm"),
     ]:
-        r = run(*args)
-        lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
-        assert r.returncode == 2 and message in lines[-1] and len(lines) <= 2 and "Traceback" not in r.stderr, r.stderr
+        code, _, err = call_main(main, capsys, *args)
+        lines = [line for line in err.strip().splitlines() if line.strip()]
+        assert code == 2 and message in lines[-1] and len(lines) <= 2 and "Traceback" not in err, err
