@@ -99,9 +99,14 @@ def run_build(cfg: BuildConfig) -> int:
         for line in summary.lines():
             print(redact(line), flush=True)
         if name == "tokenize" and summary.bad_fraction > cfg.max_bad_fraction:
+            # stop here: nothing is embedded, indexed or published from a corpus the user said is too damaged;
+            # the tokenized parts stay, so a rerun with a higher --max-bad-fraction resumes after them
+            rest = stages[stages.index(name) + 1:]
             print(f"error: {summary.quarantined} of {summary.documents_read} documents quarantined "
                   f"({summary.bad_fraction:.1%} > --max-bad-fraction {cfg.max_bad_fraction:.1%}); "
-                  f"see {redact(out.url_of('quarantine'))}", file=sys.stderr)
+                  f"see {redact(out.url_of('quarantine'))}" + (f"; not run: {', '.join(rest)}" if rest else ""),
+                  file=sys.stderr)
             code = 1
+            break
     print(f"build: artifacts in {redact(out.url)}", flush=True)
     return code

@@ -69,10 +69,12 @@ def test_too_much_quarantine_exits_nonzero_with_summary(tmp_path, plays, capsys,
     corpus.mkdir()
     shutil.copy(plays[0], corpus)
     (corpus / "bad.txt").write_bytes(b"\xff\xfe\x00binary")
-    code, out, err = run_main(capsys, "--corpus", str(corpus), "--out", str(tmp_path / "o"), "--stages", "tokenize")
+    code, out, err = run_main(capsys, "--corpus", str(corpus), "--out", str(tmp_path / "o"))  # every stage
     assert code == 1, err[-2000:]
     assert "2 documents read, 1 tokenized, 1 quarantined (binary=1)" in out
-    assert "--max-bad-fraction" in err
+    assert "--max-bad-fraction" in err and "not run: embed, index, neighbors" in err
+    # the build stopped after tokenizing: nothing embedded, indexed or published
+    assert not (tmp_path / "o" / "embeddings").exists() and not (tmp_path / "o" / "LATEST").exists()
     code, out, _ = run_main(capsys, "--corpus", str(corpus), "--out", str(tmp_path / "o"), "--stages", "tokenize",
                             "--max-bad-fraction", "0.5")
     assert code == 0 and "up to date" in out
