@@ -27,8 +27,10 @@ $(STAMP): pyproject.toml
 
 # The whole build of the bundled Shakespeare corpus and its report page, a short RETRO training on it and a sample,
 # then the showcase: famous lines queried, each finding its passage in both editions of its play.
-DEMO_LINES := "To be, or not to be, that is the question" "Tomorrow, and tomorrow, and tomorrow" \
-	"Now is the winter of our discontent"
+# (whole sentences: a query is embedded like a 64-token chunk, and a short phrase is mostly other words' company)
+DEMO_LINES := "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings and arrows of outrageous fortune" \
+	"To-morrow, and to-morrow, and to-morrow, creeps in this petty pace from day to day, to the last syllable of recorded time" \
+	"Now is the winter of our discontent made glorious summer by this sun of York; and all the clouds that lour'd upon our house in the deep bosom of the ocean buried"
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m jobs.build_index --out artifacts/demo
 	HF_HUB_OFFLINE=1 $(PY) -m jobs.report --data artifacts/demo --out artifacts/demo-report.html
